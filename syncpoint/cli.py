@@ -1,0 +1,302 @@
+"""The `syncpoint` command: run jobs, show status, manage checkpoints, serve the built-in API.
+
+Exit codes: 0 completed, 3 partial (run again to continue), 1 failed, 2 usage or
+configuration error, 130/143 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from syncpoint.errors import CheckpointError, ConfigError, SyncError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
+EXIT_BY_STATUS = {"completed": EXIT_OK, "partial": EXIT_PARTIAL, "failed": EXIT_FAILED}
+JOBS = ("daily-sync",)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except ConfigError as exc:
+        print(f"syncpoint: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except SyncError as exc:
+        print(f"syncpoint: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="syncpoint",
+        description="Checkpointed, resumable nightly syncs from HTTP APIs into SQL, on Prefect.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a job as a Prefect flow run (resumes an unfinished run)")
+    jobs = run.add_subparsers(dest="job", required=True)
+    daily = jobs.add_parser("daily-sync", help="tickers -> prices -> DCF valuations")
+    daily.add_argument("--date", help="run date YYYY-MM-DD (default: today, UTC)")
+    source = daily.add_mutually_exclusive_group()
+    source.add_argument("--tickers-file", help="one ticker per line, or CSV with symbol/ticker")
+    source.add_argument("--ticker-source", choices=["sp500"], default="sp500")
+    daily.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="tickers per batch (default SYNC_BATCH_SIZE or 50)",
+    )
+    daily.add_argument(
+        "--concurrency",
+        type=int,
+        default=None,
+        help="requests in flight per batch (default SYNC_CONCURRENCY or 16)",
+    )
+    daily.add_argument(
+        "--max-items",
+        type=int,
+        default=None,
+        help="process at most N tickers per stage, then stop as partial",
+    )
+    daily.add_argument("--fresh", action="store_true", help="discard this date's checkpoint")
+    daily.add_argument("--json", action="store_true", help="print the summary as JSON")
+    daily.set_defaults(handler=cmd_run_daily_sync)
+
+    status = sub.add_parser("status", help="latest runs, progress and failed items")
+    status.add_argument("job", nargs="?", choices=JOBS)
+    status.add_argument("--key", "--date", dest="key", help="one run key (date)")
+    status.add_argument("--limit", type=int, default=5, help="how many runs (default 5)")
+    status.add_argument("--failures", type=int, default=20, help="failed items to list")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(handler=cmd_status)
+
+    ckpt = sub.add_parser("checkpoints", help="list, show or reset checkpoints")
+    ckpt_sub = ckpt.add_subparsers(dest="action", required=True)
+    lst = ckpt_sub.add_parser("list", help="all checkpoints, newest first")
+    lst.add_argument("job", nargs="?")
+    lst.set_defaults(handler=cmd_checkpoints_list)
+    for name, handler, text in (
+        ("show", cmd_checkpoints_show, "one checkpoint in full"),
+        ("reset", cmd_checkpoints_reset, "delete a checkpoint: the next run starts over"),
+    ):
+        p = ckpt_sub.add_parser(name, help=text)
+        p.add_argument("job")
+        p.add_argument("--key", "--date", dest="key", help="run key (date)")
+        if name == "reset":
+            p.add_argument("--all", action="store_true", help="every run key of the job")
+        p.set_defaults(handler=handler)
+
+    sim = sub.add_parser("simulate", help="serve the built-in market API on loopback")
+    sim.add_argument("--host", default="127.0.0.1")
+    sim.add_argument("--port", type=int, default=8765)
+    sim.add_argument("--latency-ms", type=float, default=0.0)
+    sim.add_argument("--error-rate", type=float, default=0.0, help="fraction answered 5xx")
+    sim.add_argument(
+        "--rate-limit-error-rate", type=float, default=0.0, help="fraction answered 429"
+    )
+    sim.add_argument("--rate-limit", type=int, default=None, help="enforced requests/minute")
+    sim.add_argument("--api-key", default=None, help="require this key (default: any)")
+    sim.set_defaults(handler=cmd_simulate)
+    return parser
+
+
+# --- run ------------------------------------------------------------------------------
+
+
+def cmd_run_daily_sync(args: argparse.Namespace) -> int:
+    from syncpoint import settings
+
+    day = settings.run_date(args.date)
+    batch_size = args.batch_size
+    if batch_size is None:
+        batch_size = settings.env_int("SYNC_BATCH_SIZE", 50)
+    settings.positive("--batch-size", batch_size)
+    settings.positive("--concurrency", args.concurrency, allow_none=True)
+    settings.positive("--max-items", args.max_items, allow_none=True)
+    if args.tickers_file and not Path(args.tickers_file).is_file():
+        raise ConfigError(f"tickers file not found: {args.tickers_file}")
+    settings.market_api()  # validates MARKET_API_* before Prefect starts
+    settings.database().engine()  # a bad or unwritable database fails here, in a line
+    _quiet_prefect()
+
+    from flows.daily_sync import daily_sync
+
+    _tame_logs()
+    state = daily_sync(
+        run_date=day.isoformat(),
+        tickers_file=args.tickers_file,
+        ticker_source=args.ticker_source,
+        batch_size=batch_size,
+        concurrency=args.concurrency,
+        max_items=args.max_items,
+        fresh=args.fresh,
+        return_state=True,
+    )
+    return _report(state, args.json)
+
+
+def _report(state: Any, as_json: bool) -> int:
+    from tasks.job_run import RunFailed
+
+    if state.is_completed():
+        summary = state.result()
+        code = EXIT_BY_STATUS.get(summary["status"], EXIT_OK)
+    else:
+        exc = state.result(raise_on_failure=False)
+        if isinstance(exc, RunFailed):
+            summary, code = exc.summary, EXIT_FAILED
+        elif isinstance(exc, ConfigError):
+            raise exc
+        elif isinstance(exc, BaseException):
+            print(f"syncpoint: run failed: {_one_line(exc)}", file=sys.stderr)
+            return EXIT_FAILED
+        else:
+            print(f"syncpoint: run ended {state.type.value}: {state.message}", file=sys.stderr)
+            return EXIT_FAILED
+    print(json.dumps(summary, indent=2, default=str) if as_json else _summary_text(summary))
+    return code
+
+
+def _summary_text(summary: dict[str, Any]) -> str:
+    from syncpoint.report import summary_text
+
+    return summary_text(summary)
+
+
+# --- status and checkpoints -------------------------------------------------------------
+
+
+def _ledger() -> Any:
+    from syncpoint import settings
+    from syncpoint.checkpoint import Ledger
+
+    data = settings.database()
+    return Ledger(settings.checkpoint_store().target(data).engine())
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from syncpoint.report import run_status, status_text
+
+    ledger = _ledger()
+    if args.key and args.job:
+        run = ledger.latest(args.job, args.key)
+        runs: list[Any] = [run] if run else []
+    else:
+        runs = ledger.runs(args.job, limit=args.limit)
+    if args.json:
+        out: list[dict[str, Any]] = [
+            {"error": str(r)} if isinstance(r, CheckpointError) else run_status(ledger, r)
+            for r in runs
+        ]
+        if runs and not isinstance(runs[0], CheckpointError):
+            out[0]["failures"] = [
+                vars(f) for f in ledger.failures(runs[0].run_id, limit=args.failures)
+            ]
+        print(json.dumps(out, indent=2, default=str))
+    else:
+        print(status_text(ledger, runs, args.failures))
+    return EXIT_OK
+
+
+def cmd_checkpoints_list(args: argparse.Namespace) -> int:
+    from syncpoint.report import status_text
+
+    ledger = _ledger()
+    print(status_text(ledger, ledger.runs(args.job, limit=1000), failures=0))
+    return EXIT_OK
+
+
+def cmd_checkpoints_show(args: argparse.Namespace) -> int:
+    from syncpoint.report import run_status
+
+    ledger = _ledger()
+    if not args.key:
+        raise ConfigError("give the run key: --key (or --date) YYYY-MM-DD")
+    run = ledger.latest(args.job, args.key)
+    if run is None:
+        print(f"no checkpoint for {args.job} {args.key}")
+        return EXIT_FAILED
+    out = run_status(ledger, run)
+    out["state"] = vars(run.state)
+    out["failures"] = [vars(f) for f in ledger.failures(run.run_id, limit=1000)]
+    print(json.dumps(out, indent=2, default=str))
+    return EXIT_OK
+
+
+def cmd_checkpoints_reset(args: argparse.Namespace) -> int:
+    if not args.key and not args.all:
+        raise ConfigError("give the run key to reset (--key/--date YYYY-MM-DD) or --all")
+    removed = _ledger().delete(args.job, None if args.all else args.key)
+    what = f"{args.job} (all keys)" if args.all else f"{args.job} {args.key}"
+    print(f"removed {removed} checkpoint(s) of {what}; the next run starts over")
+    return EXIT_OK
+
+
+# --- simulate -------------------------------------------------------------------------
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from simulator import SimulatorConfig, serve
+
+    for name in ("error_rate", "rate_limit_error_rate"):
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be between 0 and 1")
+    serve(
+        SimulatorConfig(
+            host=args.host,
+            port=args.port,
+            latency_ms=args.latency_ms,
+            error_rate=args.error_rate,
+            rate_limit_error_rate=args.rate_limit_error_rate,
+            rate_limit_per_minute=args.rate_limit,
+            api_key=args.api_key,
+        )
+    )
+    return EXIT_OK
+
+
+# --- plumbing -------------------------------------------------------------------------
+
+
+def _quiet_prefect() -> None:
+    # Offline machines: Prefect's analytics would only time out.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+class _NoTracebackForSyncErrors(logging.Filter):
+    """Our errors already say what happened in one line; Prefect would add a traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], SyncError):
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+def _tame_logs() -> None:
+    from syncpoint.redact import RedactingFilter
+
+    for name in ("prefect", "prefect.flow_runs", "prefect.task_runs", ""):
+        for handler in logging.getLogger(name).handlers:
+            handler.addFilter(_NoTracebackForSyncErrors())
+            handler.addFilter(RedactingFilter())
+
+
+def _one_line(exc: BaseException) -> str:
+    from syncpoint.redact import redact
+
+    text = redact(str(exc)).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""Plain-text rendering of run summaries and status for the terminal."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from syncpoint.checkpoint import Ledger, Run, StageCounts
+from syncpoint.errors import CheckpointError
+
+
+def summary_text(summary: dict[str, Any]) -> str:
+    job, key = summary["job"], summary["run_key"]
+    if summary.get("already_complete"):
+        return (
+            f"{job} {key} is already complete (run {summary['run_id']}): nothing to do, "
+            f"0 API requests.\nStart it over with --fresh."
+        )
+    lines = [
+        f"{job} {key}: {summary['status'].upper()}"
+        f"{' (resumed)' if summary.get('resumed') else ''} in {summary['seconds']:.1f}s, "
+        f"{summary['requests']} API requests, {summary['rows_written']} rows written "
+        f"(run {summary['run_id']})",
+        "",
+        f"  {'stage':<12}{'status':<9}{'done':>7}{'failed':>8}{'retry':>7}{'left':>7}"
+        f"{'rows':>9}{'requests':>10}",
+    ]
+    for stage in summary["stages"]:
+        c = stage["counts"]
+        lines.append(
+            f"  {stage['name']:<12}{stage['status']:<9}{c['done']:>7}{c['failed']:>8}"
+            f"{c['retrying']:>7}{c['untouched']:>7}{stage['rows_written']:>9}"
+            f"{stage['requests']:>10}"
+        )
+        if stage.get("error"):
+            lines.append(f"    error: {stage['error']}")
+    failures = summary.get("failures") or []
+    if failures:
+        lines += ["", f"Failed items ({summary['failures_total']}):"]
+        lines += [
+            f"  {f['stage']}/{f['item']}: {f['error_kind']} after {f['attempts']} "
+            f"attempt(s): {f['error']}"
+            for f in failures
+        ]
+        more = summary["failures_total"] - len(failures)
+        if more > 0:
+            lines.append(f"  ... and {more} more: syncpoint status {job} --key {key}")
+    if summary["status"] == "partial":
+        lines += ["", "More to do: run the same command again to continue."]
+    elif summary["status"] == "failed":
+        lines += ["", "The run failed; run the same command again to resume it."]
+    return "\n".join(lines)
+
+
+def counts_cells(c: StageCounts) -> str:
+    pct = 100.0 * c.settled / c.total if c.total else 100.0
+    return (
+        f"{c.settled}/{c.total} ({pct:.0f}%) done {c.done}, failed {c.failed}, "
+        f"retry {c.retrying}, untouched {c.untouched}"
+    )
+
+
+def run_status(ledger: Ledger, run: Run) -> dict[str, Any]:
+    counts = ledger.counts(run.run_id)
+    return {
+        "job": run.job,
+        "run_key": run.run_key,
+        "run_id": run.run_id,
+        "status": run.status.value,
+        "created_at": run.created_at.isoformat(),
+        "updated_at": run.updated_at.isoformat(),
+        "heartbeat_at": run.heartbeat_at.isoformat(),
+        "finished_at": run.finished_at.isoformat() if run.finished_at else None,
+        "stages": {
+            stage: {
+                "total": c.total,
+                "done": c.done,
+                "failed": c.failed,
+                "retrying": c.retrying,
+                "untouched": c.untouched,
+            }
+            for stage, c in counts.items()
+        },
+    }
+
+
+def status_text(ledger: Ledger, runs: list[Run | CheckpointError], failures: int) -> str:
+    if not runs:
+        return "No runs recorded yet."
+    lines = []
+    for i, run in enumerate(runs):
+        if isinstance(run, CheckpointError):
+            lines.append(f"! {run}")
+            continue
+        lines.append(
+            f"{run.job} {run.run_key}  {run.status.value:<9} run {run.run_id}  "
+            f"updated {run.updated_at:%Y-%m-%d %H:%M:%S}Z"
+        )
+        for stage, c in ledger.counts(run.run_id).items():
+            lines.append(f"    {stage:<12} {counts_cells(c)}")
+        if i == 0 and failures:
+            shown = ledger.failures(run.run_id, limit=failures)
+            if shown:
+                lines.append("    failed items:")
+                lines += [
+                    f"      {f.stage}/{f.item}: {f.error_kind}, {f.attempts} attempt(s): {f.error}"
+                    for f in shown
+                ]
+    return "\n".join(lines)

@@ -1,0 +1,132 @@
+"""Settings from parameters, blocks and environment variables, validated in one place.
+
+Precedence: an explicit parameter, then a named block, then an environment variable,
+then the embedded default (SQLite in the working directory, the built-in API).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import cast
+
+from pydantic import SecretStr
+
+from blocks.checkpoint import CheckpointStore
+from blocks.market_api import MarketApi
+from syncpoint.db import Database
+from syncpoint.errors import ConfigError
+
+DEFAULT_DATABASE_FILE = "syncpoint.db"
+
+
+def env_int(name: str, default: int, *, minimum: int = 1) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
+    if value < minimum:
+        raise ConfigError(f"{name} must be at least {minimum}, got {value}")
+    return value
+
+
+def env_float(name: str) -> float | None:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+    if value <= 0:
+        raise ConfigError(f"{name} must be positive, got {raw}")
+    return value
+
+
+def positive(name: str, value: int | None, *, allow_none: bool = False) -> int | None:
+    if value is None:
+        if allow_none:
+            return None
+        raise ConfigError(f"{name} is required")
+    if value < 1:
+        raise ConfigError(f"{name} must be at least 1, got {value}")
+    return value
+
+
+def run_date(value: str | date | None) -> date:
+    """The run key date: given, or today in UTC."""
+    if value is None or value == "":
+        return datetime.now(UTC).date()
+    if isinstance(value, date):
+        return value
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        raise ConfigError(f"bad date {value!r}: use YYYY-MM-DD") from None
+
+
+def database(block_name: str | None = None) -> Database:
+    """The data database: a SqlAlchemyConnector block, SYNCPOINT_DATABASE_URL, or SQLite."""
+    if block_name:
+        from prefect_sqlalchemy import SqlAlchemyConnector
+
+        connector = SqlAlchemyConnector.load(block_name)
+        return Database.from_url(connector._rendered_url.render_as_string(hide_password=False))
+    url = os.environ.get("SYNCPOINT_DATABASE_URL")
+    if url:
+        return Database.from_url(url)
+    return Database.from_url(f"sqlite:///{Path.cwd() / DEFAULT_DATABASE_FILE}")
+
+
+def checkpoint_store(block_name: str | None = None) -> CheckpointStore:
+    if block_name:
+        return cast(CheckpointStore, CheckpointStore.load(block_name))
+    url = os.environ.get("SYNCPOINT_CHECKPOINT_URL")
+    return CheckpointStore(
+        database_url=SecretStr(url) if url else None,
+        retention_days=env_int("SYNCPOINT_CHECKPOINT_RETENTION_DAYS", 30),
+    )
+
+
+def market_api(block_name: str | None = None, concurrency: int | None = None) -> MarketApi | None:
+    """The configured market API, or None when the built-in one should be used."""
+    if block_name:
+        api = cast(MarketApi, MarketApi.load(block_name))
+    else:
+        url = os.environ.get("MARKET_API_URL")
+        if not url:
+            return None
+        key = os.environ.get("MARKET_API_KEY")
+        api = MarketApi(
+            base_url=url.rstrip("/"),
+            api_key=SecretStr(key) if key else None,
+            requests_per_minute=env_float("MARKET_API_RATE_LIMIT"),
+            concurrency=env_int("SYNC_CONCURRENCY", 16),
+        )
+    if concurrency is not None:
+        api = api.model_copy(update={"concurrency": positive("concurrency", concurrency)})
+    return api
+
+
+@contextmanager
+def market_api_session(
+    block_name: str | None = None, concurrency: int | None = None
+) -> Iterator[tuple[MarketApi, bool]]:
+    """The market API for a run, starting the built-in one on loopback if none is set.
+
+    Yields (api, built_in).
+    """
+    api = market_api(block_name, concurrency)
+    if api is not None:
+        yield api, False
+        return
+    from simulator import MarketSimulator
+
+    with MarketSimulator() as sim:
+        yield MarketApi(base_url=sim.base_url, concurrency=concurrency or 16), True

@@ -1,0 +1,278 @@
+"""The generic checkpointed map: plan pending items, chunk them, fetch, store, mark.
+
+Two skip layers keep a rerun from spending API quota twice:
+- the ledger decides which items are pending (universe - done - permanently failed);
+- the fetch task is cached on (source, run, stage, items with their attempt counts), so
+  a retry after a failed store step reuses the fetched batch instead of refetching it.
+  Every item of a stored batch gets a mark (its attempts go up), so a batch whose store
+  committed can never hit a stale cache entry again.
+
+Batches run one fetch at a time (so `concurrency` is exact) while the previous batch's
+store runs beside it; at most two batches are fetched-but-unmarked when a crash hits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, ClassVar, Protocol, cast
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.context import TaskRunContext
+from prefect.futures import PrefectFuture
+
+from syncpoint.checkpoint import ErrorKind, ItemOutcome, Ledger, PendingItem, StageCounts
+from syncpoint.db import Database
+from syncpoint.errors import FatalApiError, ItemError, RetriableApiError
+from syncpoint.http import ApiClient
+from syncpoint.redact import redact
+from tasks.store import upsert
+
+FETCH_CACHE_TTL = timedelta(days=3)
+
+
+class Source(Protocol):
+    """One dataset of one API; one module per source implements it."""
+
+    table: ClassVar[str]
+
+    @property
+    def concurrency(self) -> int: ...
+
+    def cache_identity(self) -> str: ...
+
+    def client(self) -> ApiClient: ...
+
+    async def fetch(self, client: ApiClient, item: str) -> list[dict[str, Any]]: ...
+
+
+@dataclass(frozen=True)
+class Batch:
+    run_id: str
+    stage: str
+    number: int
+    items: tuple[PendingItem, ...]
+
+
+@dataclass
+class BatchOutcome:
+    batch: Batch
+    rows: list[dict[str, Any]]
+    outcomes: list[ItemOutcome]
+    requests: int = 0
+    fatal: str | None = None
+
+    def count(self, predicate: Callable[[ItemOutcome], bool]) -> int:
+        return sum(1 for o in self.outcomes if predicate(o))
+
+
+def batch_cache_key(_context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    source: Source = parameters["source"]
+    batch: Batch = parameters["batch"]
+    identity = [
+        source.cache_identity(),
+        batch.run_id,
+        batch.stage,
+        [(p.item, p.attempts) for p in batch.items],
+    ]
+    digest = hashlib.sha256(json.dumps(identity).encode()).hexdigest()
+    return f"syncpoint-fetch-{digest}"
+
+
+@task(
+    name="fetch-batch",
+    task_run_name="fetch {batch.stage} #{batch.number}",
+    cache_key_fn=batch_cache_key,
+    cache_expiration=FETCH_CACHE_TTL,
+    persist_result=True,
+)
+async def fetch_batch(source: Source, batch: Batch) -> BatchOutcome:
+    """Fetch every item of a batch; each ends done or failed, none is left unaccounted."""
+    fatal: list[str] = []
+    gate = asyncio.Semaphore(source.concurrency)
+
+    async def one(
+        client: ApiClient, pending: PendingItem
+    ) -> tuple[list[dict[str, Any]], ItemOutcome]:
+        item = pending.item
+        async with gate:
+            if fatal:
+                return [], ItemOutcome.failed(
+                    item, ErrorKind.TRANSIENT, f"not attempted: {fatal[0]}"
+                )
+            try:
+                return await source.fetch(client, item), ItemOutcome.done(item)
+            except ItemError as exc:
+                return [], ItemOutcome.failed(item, ErrorKind.PERMANENT, redact(str(exc)))
+            except RetriableApiError as exc:
+                return [], ItemOutcome.failed(item, ErrorKind.TRANSIENT, redact(str(exc)))
+            except FatalApiError as exc:
+                # Stop sending at once: every further request would be refused too.
+                fatal.append(redact(str(exc)))
+                return [], ItemOutcome.failed(item, ErrorKind.TRANSIENT, fatal[-1])
+
+    async with source.client() as client:
+        results = await asyncio.gather(*(one(client, p) for p in batch.items))
+        requests = client.requests_sent
+    rows = [row for item_rows, _ in results for row in item_rows]
+    return BatchOutcome(batch, rows, [o for _, o in results], requests, fatal[0] if fatal else None)
+
+
+@task(
+    name="store-batch",
+    task_run_name="store {outcome.batch.stage} #{outcome.batch.number}",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=[1, 5],
+)
+def store_batch(data: Database, checkpoints: Database, table: str, outcome: BatchOutcome) -> int:
+    """Upsert the batch's rows, then mark its items: data first, marks after."""
+    ledger = Ledger(checkpoints.engine())
+    batch = outcome.batch
+    if data.same_as(checkpoints):
+        with data.engine().begin() as conn:
+            written = upsert(conn, table, outcome.rows)
+            ledger.mark(conn, batch.run_id, batch.stage, outcome.outcomes, batch.number)
+        return written
+    with data.engine().begin() as conn:
+        written = upsert(conn, table, outcome.rows)
+    with checkpoints.engine().begin() as conn:
+        ledger.mark(conn, batch.run_id, batch.stage, outcome.outcomes, batch.number)
+    return written
+
+
+@dataclass
+class StopFlag:
+    """Set by interrupt handlers: no new batch starts once it is set."""
+
+    reason: str | None = None
+
+    @property
+    def requested(self) -> bool:
+        return self.reason is not None
+
+
+@dataclass
+class Progress:
+    stage: str
+    batches_done: int
+    batches_total: int
+    done: int
+    failed: int
+    retrying: int
+    total: int
+    processed_now: int
+    planned_now: int
+    elapsed: float
+
+    @property
+    def rate(self) -> float:
+        return self.processed_now / self.elapsed if self.elapsed > 0 else 0.0
+
+    @property
+    def eta_seconds(self) -> float | None:
+        left = self.planned_now - self.processed_now
+        return left / self.rate if self.rate > 0 else None
+
+    def line(self) -> str:
+        pct = 100.0 * (self.done + self.failed) / self.total if self.total else 100.0
+        eta = f", ~{self.eta_seconds:.0f}s left" if self.eta_seconds is not None else ""
+        return (
+            f"{self.stage}: {self.done + self.failed}/{self.total} settled ({pct:.1f}%), "
+            f"{self.failed} failed, {self.retrying} to retry, batch {self.batches_done}/"
+            f"{self.batches_total}, {self.rate:.1f} items/s{eta}"
+        )
+
+
+@dataclass
+class StageRun:
+    """What one stage did in this invocation."""
+
+    rows_written: int = 0
+    requests: int = 0
+    batches: int = 0
+    items_processed: int = 0
+    fatal: str | None = None
+    outcomes: list[ItemOutcome] = field(default_factory=list)
+
+
+def map_batches(
+    *,
+    ledger: Ledger,
+    data: Database,
+    checkpoints: Database,
+    run_id: str,
+    stage: str,
+    source: Source,
+    batch_size: int,
+    max_items: int | None,
+    stop: StopFlag,
+    on_progress: Callable[[Progress], None],
+) -> StageRun:
+    """Run a stage's pending items in batches until done, capped, stopped or fatal."""
+    pending = ledger.pending(run_id, stage)
+    planned = pending if max_items is None else pending[:max_items]
+    batches = [
+        Batch(run_id, stage, number, tuple(planned[start : start + batch_size]))
+        for number, start in enumerate(range(0, len(planned), batch_size), 1)
+    ]
+    base = ledger.counts(run_id).get(stage, StageCounts())
+    tally = {"done": base.done, "failed": base.failed, "retrying": base.retrying}
+    result = StageRun()
+    started = time.monotonic()
+    storing: tuple[BatchOutcome, PrefectFuture[int]] | None = None
+
+    def settle(outcome: BatchOutcome, future: PrefectFuture[int]) -> None:
+        result.rows_written += future.result()
+        result.batches += 1
+        result.items_processed += len(outcome.outcomes)
+        result.outcomes.extend(outcome.outcomes)
+        retried = {p.item for p in outcome.batch.items if p.attempts > 0}
+        for o in outcome.outcomes:
+            if o.item in retried:
+                tally["retrying"] -= 1
+            tally[_bucket(o)] += 1
+        on_progress(
+            Progress(
+                stage=stage,
+                batches_done=result.batches,
+                batches_total=len(batches),
+                done=tally["done"],
+                failed=tally["failed"],
+                retrying=tally["retrying"],
+                total=base.total,
+                processed_now=result.items_processed,
+                planned_now=len(planned),
+                elapsed=time.monotonic() - started,
+            )
+        )
+
+    try:
+        for batch in batches:
+            if stop.requested or result.fatal:
+                break
+            # Prefect types an async task's result as a coroutine; it is the value here.
+            outcome = cast(BatchOutcome, fetch_batch.submit(source, batch).result())
+            result.requests += outcome.requests
+            if storing is not None:
+                previous, storing = storing, None
+                settle(*previous)
+            storing = (outcome, store_batch.submit(data, checkpoints, source.table, outcome))
+            result.fatal = outcome.fatal
+    finally:
+        # A batch that was fetched is always stored before the stage ends, whatever ended it.
+        if storing is not None:
+            settle(*storing)
+    return result
+
+
+def _bucket(outcome: ItemOutcome) -> str:
+    if outcome.error_kind is None:
+        return "done"
+    return "retrying" if outcome.error_kind is ErrorKind.TRANSIENT else "failed"

@@ -1,0 +1,66 @@
+"""Storing: rows -> pandas (dedupe, types) -> one upsert statement per batch.
+
+Upserts on natural keys make a replayed batch harmless: at-least-once delivery,
+exactly-once effect.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, cast
+
+import pandas as pd
+from sqlalchemy import Connection, Table
+from sqlalchemy.dialects import postgresql, sqlite
+
+from syncpoint.tables import dcf_valuations, stock_prices
+
+# Which tables a batch may write, by the name a source declares.
+TABLES: dict[str, Table] = {t.name: t for t in (stock_prices, dcf_valuations)}
+
+# SQLite caps bound variables per statement (32766 in 3.32+); stay well under it.
+_SQLITE_MAX_VARS = 30000
+
+
+def to_frame(table: Table, rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """Rows as a frame with the table's columns, one row per key (the last one wins)."""
+    columns = [c.name for c in table.columns]
+    frame = pd.DataFrame.from_records(list(rows), columns=columns)
+    keys = [c.name for c in table.primary_key.columns]
+    return frame.drop_duplicates(subset=keys, keep="last")
+
+
+def upsert(conn: Connection, table_name: str, rows: Sequence[dict[str, Any]]) -> int:
+    """Insert or update `rows` into `table_name` on its primary key; returns rows written."""
+    if not rows:
+        return 0
+    table = TABLES[table_name]
+    frame = to_frame(table, rows)
+    # to_dict turns numpy scalars into Python ones, which every DBAPI accepts.
+    records = cast(
+        list[dict[str, Any]],
+        frame.astype(object).where(frame.notna(), None).to_dict(orient="records"),
+    )
+    keys = [c.name for c in table.primary_key.columns]
+    dialect = conn.dialect.name
+    if dialect == "postgresql":
+        pg = postgresql.insert(table)
+        stmt = pg.on_conflict_do_update(
+            index_elements=keys,
+            set_={c: pg.excluded[c] for c in frame.columns if c not in keys},
+        )
+        conn.execute(stmt, records)
+    elif dialect == "sqlite":
+        per_statement = max(1, _SQLITE_MAX_VARS // len(frame.columns))
+        for start in range(0, len(records), per_statement):
+            chunk = records[start : start + per_statement]
+            lite = sqlite.insert(table).values(chunk)
+            conn.execute(
+                lite.on_conflict_do_update(
+                    index_elements=keys,
+                    set_={c: lite.excluded[c] for c in frame.columns if c not in keys},
+                )
+            )
+    else:  # pragma: no cover - Database.from_url refuses other backends
+        raise ValueError(f"no upsert for {dialect}")
+    return len(records)
