@@ -59,8 +59,15 @@ def counts_cells(c: StageCounts) -> str:
     )
 
 
-def run_status(ledger: Ledger, run: Run) -> dict[str, Any]:
+def stage_counts(ledger: Ledger, run: Run) -> dict[str, StageCounts]:
+    """Counts per stage in the job's stage order (stages not yet reached are absent)."""
     counts = ledger.counts(run.run_id)
+    order = {stage: i for i, stage in enumerate(run.state.stages)}
+    return dict(sorted(counts.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
+
+
+def run_status(ledger: Ledger, run: Run) -> dict[str, Any]:
+    counts = stage_counts(ledger, run)
     return {
         "job": run.job,
         "run_key": run.run_key,
@@ -95,7 +102,7 @@ def status_text(ledger: Ledger, runs: list[Run | CheckpointError], failures: int
             f"{run.job} {run.run_key}  {run.status.value:<9} run {run.run_id}  "
             f"updated {run.updated_at:%Y-%m-%d %H:%M:%S}Z"
         )
-        for stage, c in ledger.counts(run.run_id).items():
+        for stage, c in stage_counts(ledger, run).items():
             lines.append(f"    {stage:<12} {counts_cells(c)}")
         if i == 0 and failures:
             shown = ledger.failures(run.run_id, limit=failures)
