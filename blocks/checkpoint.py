@@ -6,7 +6,7 @@ from prefect.blocks.core import Block
 from prefect_sqlalchemy import SqlAlchemyConnector
 from pydantic import Field, SecretStr
 
-from syncpoint.checkpoint import Ledger
+from syncpoint.checkpoint import STALE_AFTER_SECONDS, Ledger
 from syncpoint.db import Database
 
 
@@ -44,6 +44,14 @@ class CheckpointStore(Block):
         default=30,
         ge=1,
         description="Completed checkpoints older than this many days are removed.",
+    )
+    stale_after_seconds: float = Field(
+        default=STALE_AFTER_SECONDS,
+        gt=0,
+        description=(
+            "A run left 'running' whose heartbeat is older than this is presumed dead and "
+            "taken over (on the same host a dead process is recognised at once)."
+        ),
     )
 
     def target(self, fallback: Database) -> Database:

@@ -51,7 +51,7 @@ def daily_sync(
             logger.info(
                 "MARKET_API_URL is not set: using the built-in market API at %s", api.base_url
             )
-        run = JobRun(
+        with JobRun(
             JOB,
             day.isoformat(),
             data=data,
@@ -64,10 +64,10 @@ def daily_sync(
             },
             fresh=fresh,
             logger=logger,
-        )
-        if run.already_complete:
-            return run.summary()
-        try:
+            resume_hint=f"Resume with: syncpoint run {JOB} --date {day.isoformat()}",
+        ) as run:
+            if run.already_complete:
+                return run.summary()
             run.stage("universe", lambda: _universe(run, ticker_source, tickers_file, api))
             tickers = lambda: run.items_done("universe")  # noqa: E731
             run.map_stage(
@@ -84,10 +84,7 @@ def daily_sync(
                 batch_size=batch_size,
                 max_items=max_items,
             )
-        except BaseException as exc:
-            run.fail(exc)
-            raise
-        return run.finish()
+            return run.finish()
 
 
 def _universe(

@@ -8,6 +8,9 @@ command that resets it, never a half-understood resume.
 from __future__ import annotations
 
 import json
+import os
+import socket
+import threading
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -15,12 +18,26 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, bindparam, delete, func, insert, select, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    RowMapping,
+    and_,
+    bindparam,
+    delete,
+    func,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.exc import IntegrityError
 
 from syncpoint.errors import CheckpointError
 from syncpoint.tables import sync_items, sync_runs
 
 CHECKPOINT_VERSION = 1
+# A running run whose heartbeat is older than this is presumed dead and taken over.
+STALE_AFTER_SECONDS = 120.0
 _INSERT_CHUNK = 1000
 
 
@@ -44,6 +61,50 @@ class ErrorKind(StrEnum):
 
 def reset_command(job: str, run_key: str) -> str:
     return f"syncpoint checkpoints reset {job} --key {run_key}"
+
+
+class RunBusy(CheckpointError):
+    """Another live process is working on this run."""
+
+
+def new_owner() -> str:
+    """host:pid:token — who holds a run, precise enough to tell a dead holder."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+# Owners held by live JobRuns of this process: a run left 'running' by an earlier,
+# abandoned attempt in the same process is not mistaken for a live one.
+_live_owners: set[str] = set()
+_live_lock = threading.Lock()
+
+
+def _holder_is_alive(owner: str | None) -> bool | None:
+    """True/False when it can be told from here (same host), None otherwise."""
+    if not owner or owner.count(":") < 2:
+        return None
+    host, pid_text, _token = owner.rsplit(":", 2)
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return None
+    pid = int(pid_text)
+    if pid == os.getpid():
+        with _live_lock:
+            return owner in _live_owners
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass(frozen=True)
+class Claim:
+    """The run an invocation works on, and how it came to it."""
+
+    run: Run
+    resumed: bool
+    took_over: str | None = None  # the dead holder of a run left 'running'
 
 
 @dataclass(frozen=True)
@@ -165,49 +226,111 @@ class Ledger:
     # --- runs -------------------------------------------------------------------------
 
     def latest(self, job: str, run_key: str) -> Run | None:
-        with self.engine.connect() as conn:
-            row = conn.execute(
-                select(sync_runs)
-                .where(sync_runs.c.job == job, sync_runs.c.run_key == run_key)
-                .order_by(sync_runs.c.created_at.desc())
-                .limit(1)
-            ).first()
-        return None if row is None else self._load(row._mapping)
+        row = self._latest_row(job, run_key)
+        return None if row is None else self._load(row)
 
     def open(
-        self, job: str, run_key: str, *, stages: Sequence[str], params: dict[str, Any], fresh: bool
-    ) -> tuple[Run, bool]:
-        """The run to work on and whether it resumes an earlier attempt.
+        self,
+        job: str,
+        run_key: str,
+        *,
+        stages: Sequence[str],
+        params: dict[str, Any],
+        fresh: bool,
+        owner: str,
+        stale_after: float = STALE_AFTER_SECONDS,
+    ) -> Claim:
+        """Claim the run (job, run key) for `owner`: resume it, start it, or refuse.
 
-        A completed run is returned as is: the caller decides that nothing is left to do.
+        One process at a time: a run another live process holds raises RunBusy; one left
+        'running' by a dead process (its pid gone, or its heartbeat older than
+        `stale_after`) is taken over. A completed run is returned unclaimed: nothing to do.
         """
-        if fresh:
+        row = self._latest_row(job, run_key)
+        took_over = None
+        if row is not None and row["status"] == RunStatus.RUNNING.value:
+            age = (_now() - (_aware(row["heartbeat_at"]) or _now())).total_seconds()
+            alive = _holder_is_alive(row["owner"])
+            if alive or (alive is None and age < stale_after):
+                raise RunBusy(
+                    f"{job} {run_key} is already running ({row['owner'] or 'unknown process'}, "
+                    f"heartbeat {age:.0f}s ago). Wait for it to finish; if that process is "
+                    f"gone, the run is taken over once its heartbeat is {stale_after:.0f}s old."
+                )
+            took_over = row["owner"] or "unknown process"
+        if fresh and row is not None:
             self.delete(job, run_key)
-        else:
-            existing = self.latest(job, run_key)
-            if existing is not None:
-                if existing.status is not RunStatus.COMPLETED:
-                    self.set_status(existing.run_id, RunStatus.RUNNING)
-                    existing = self.get(existing.run_id)
-                return existing, True
+            row = None
+        if row is None:
+            return Claim(self._create(job, run_key, stages, params, owner), resumed=False)
+        run = self._load(row)  # validates: a corrupt checkpoint stops here, by name
+        if run.status is RunStatus.COMPLETED:
+            return Claim(run, resumed=True)
+        now = _now()
+        with self.engine.begin() as conn:
+            # Compare-and-set on what we read: of two racing starts, one wins.
+            claimed = conn.execute(
+                update(sync_runs)
+                .where(
+                    sync_runs.c.run_id == run.run_id,
+                    sync_runs.c.status == row["status"],
+                    sync_runs.c.heartbeat_at == row["heartbeat_at"],
+                )
+                .values(
+                    status=RunStatus.RUNNING.value,
+                    owner=owner,
+                    heartbeat_at=now,
+                    updated_at=now,
+                    finished_at=None,
+                )
+            ).rowcount
+        if not claimed:
+            raise RunBusy(f"{job} {run_key} was claimed by another process just now")
+        self._hold(owner)
+        return Claim(self.get(run.run_id), resumed=True, took_over=took_over)
+
+    def release(self, owner: str) -> None:
+        """This process no longer works on the runs `owner` claimed."""
+        with _live_lock:
+            _live_owners.discard(owner)
+
+    def _hold(self, owner: str) -> None:
+        with _live_lock:
+            _live_owners.add(owner)
+
+    def _create(
+        self, job: str, run_key: str, stages: Sequence[str], params: dict[str, Any], owner: str
+    ) -> Run:
         now = _now()
         state = RunState(job, run_key, list(stages), dict(params))
         run_id = str(uuid.uuid4())
-        with self.engine.begin() as conn:
-            conn.execute(
-                insert(sync_runs).values(
-                    run_id=run_id,
-                    job=job,
-                    run_key=run_key,
-                    status=RunStatus.RUNNING.value,
-                    version=CHECKPOINT_VERSION,
-                    state=state.to_json(),
-                    created_at=now,
-                    updated_at=now,
-                    heartbeat_at=now,
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(
+                    insert(sync_runs).values(
+                        run_id=run_id,
+                        job=job,
+                        run_key=run_key,
+                        status=RunStatus.RUNNING.value,
+                        version=CHECKPOINT_VERSION,
+                        state=state.to_json(),
+                        created_at=now,
+                        updated_at=now,
+                        heartbeat_at=now,
+                        owner=owner,
+                    )
                 )
-            )
-        return self.get(run_id), False
+        except IntegrityError:
+            raise RunBusy(f"{job} {run_key} was started by another process just now") from None
+        self._hold(owner)
+        return self.get(run_id)
+
+    def _latest_row(self, job: str, run_key: str) -> RowMapping | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(sync_runs).where(sync_runs.c.job == job, sync_runs.c.run_key == run_key)
+            ).first()
+        return None if row is None else row._mapping
 
     def get(self, run_id: str) -> Run:
         with self.engine.connect() as conn:
@@ -245,10 +368,19 @@ class Ledger:
         with self.engine.begin() as conn:
             conn.execute(update(sync_runs).where(sync_runs.c.run_id == run_id).values(**values))
 
-    def heartbeat(self, run_id: str) -> None:
+    def heartbeat(self, run_id: str, owner: str) -> bool:
+        """Refresh the run's heartbeat; False if `owner` no longer holds it."""
         with self.engine.begin() as conn:
-            conn.execute(
-                update(sync_runs).where(sync_runs.c.run_id == run_id).values(heartbeat_at=_now())
+            return bool(
+                conn.execute(
+                    update(sync_runs)
+                    .where(
+                        sync_runs.c.run_id == run_id,
+                        sync_runs.c.owner == owner,
+                        sync_runs.c.status == RunStatus.RUNNING.value,
+                    )
+                    .values(heartbeat_at=_now())
+                ).rowcount
             )
 
     def delete(self, job: str, run_key: str | None = None) -> int:

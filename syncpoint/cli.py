@@ -10,12 +10,14 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from syncpoint.errors import CheckpointError, ConfigError, SyncError
+from syncpoint.interrupts import exit_code
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
 EXIT_BY_STATUS = {"completed": EXIT_OK, "partial": EXIT_PARTIAL, "failed": EXIT_FAILED}
@@ -27,6 +29,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.handler(args))
+    except KeyboardInterrupt:
+        # Ctrl+C before a run started (or outside one): nothing to flush.
+        print("syncpoint: interrupted", file=sys.stderr)
+        return exit_code(signal.SIGINT)
     except ConfigError as exc:
         print(f"syncpoint: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -131,6 +137,7 @@ def cmd_run_daily_sync(args: argparse.Namespace) -> int:
     from flows.daily_sync import daily_sync
 
     _tame_logs()
+    _start_ephemeral_prefect()
     state = daily_sync(
         run_date=day.isoformat(),
         tickers_file=args.tickers_file,
@@ -154,8 +161,8 @@ def _report(state: Any, as_json: bool) -> int:
         exc = state.result(raise_on_failure=False)
         if isinstance(exc, RunFailed):
             summary, code = exc.summary, EXIT_FAILED
-        elif isinstance(exc, ConfigError):
-            raise exc
+        elif isinstance(exc, SyncError):
+            raise exc  # explained in one line by main()
         elif isinstance(exc, BaseException):
             print(f"syncpoint: run failed: {_one_line(exc)}", file=sys.stderr)
             return EXIT_FAILED
@@ -163,6 +170,9 @@ def _report(state: Any, as_json: bool) -> int:
             print(f"syncpoint: run ended {state.type.value}: {state.message}", file=sys.stderr)
             return EXIT_FAILED
     print(json.dumps(summary, indent=2, default=str) if as_json else _summary_text(summary))
+    if summary.get("signal"):
+        print(f"syncpoint: {summary['interrupted']}. {summary['resume_hint']}", file=sys.stderr)
+        return exit_code(int(summary["signal"]))
     return code
 
 
@@ -270,6 +280,25 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 def _quiet_prefect() -> None:
     # Offline machines: Prefect's analytics would only time out.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+def _start_ephemeral_prefect() -> None:
+    """Start Prefect's temporary server now, deaf to Ctrl+C, when no API URL is set.
+
+    Prefect starts it in our process group, so a terminal's Ctrl+C would kill it while
+    the run is still finishing its batches in flight. Started with SIGINT blocked (the
+    mask survives exec), it ignores the terminal and stops when the run is done.
+    """
+    from prefect.settings import get_current_settings
+
+    if get_current_settings().api.url:
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    from syncpoint.interrupts import sigint_blocked
+
+    with sigint_blocked():
+        SubprocessASGIServer().start()
 
 
 class _NoTracebackForSyncErrors(logging.Filter):

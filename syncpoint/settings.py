@@ -17,6 +17,7 @@ from pydantic import SecretStr
 
 from blocks.checkpoint import CheckpointStore
 from blocks.market_api import MarketApi
+from syncpoint.checkpoint import STALE_AFTER_SECONDS
 from syncpoint.db import Database
 from syncpoint.errors import ConfigError
 
@@ -91,6 +92,7 @@ def checkpoint_store(block_name: str | None = None) -> CheckpointStore:
     return CheckpointStore(
         database_url=SecretStr(url) if url else None,
         retention_days=env_int("SYNCPOINT_CHECKPOINT_RETENTION_DAYS", 30),
+        stale_after_seconds=env_float("SYNCPOINT_STALE_AFTER_SECONDS") or STALE_AFTER_SECONDS,
     )
 
 

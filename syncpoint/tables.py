@@ -19,6 +19,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    UniqueConstraint,
 )
 
 metadata = MetaData()
@@ -81,7 +82,10 @@ sync_runs = Table(
     Column("updated_at", DateTime(timezone=True), nullable=False),
     Column("heartbeat_at", DateTime(timezone=True), nullable=False),
     Column("finished_at", DateTime(timezone=True)),
-    Index("idx_sync_runs_job_key", "job", "run_key", "created_at"),
+    # host:pid:token of the process working on it; with heartbeat_at, the run's lock.
+    Column("owner", String(200)),
+    # One checkpoint per (job, run key): two starts of the same date race on this.
+    UniqueConstraint("job", "run_key", name="uq_sync_runs_job_key"),
 )
 
 # The item ledger: one row per (run, stage, item), never arrays (seed 000 rewrote TEXT[]

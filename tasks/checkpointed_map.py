@@ -31,6 +31,7 @@ from syncpoint.checkpoint import ErrorKind, ItemOutcome, Ledger, PendingItem, St
 from syncpoint.db import Database
 from syncpoint.errors import FatalApiError, ItemError, RetriableApiError
 from syncpoint.http import ApiClient
+from syncpoint.interrupts import StopFlag
 from syncpoint.redact import redact
 from tasks.store import upsert
 
@@ -145,17 +146,6 @@ def store_batch(data: Database, checkpoints: Database, table: str, outcome: Batc
     with checkpoints.engine().begin() as conn:
         ledger.mark(conn, batch.run_id, batch.stage, outcome.outcomes, batch.number)
     return written
-
-
-@dataclass
-class StopFlag:
-    """Set by interrupt handlers: no new batch starts once it is set."""
-
-    reason: str | None = None
-
-    @property
-    def requested(self) -> bool:
-        return self.reason is not None
 
 
 @dataclass

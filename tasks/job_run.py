@@ -10,7 +10,9 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
+from types import TracebackType
 from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -23,12 +25,15 @@ from syncpoint.checkpoint import (
     Ledger,
     RunStatus,
     StageCounts,
+    new_owner,
 )
 from syncpoint.db import Database
 from syncpoint.errors import FatalApiError, SyncError
+from syncpoint.heartbeat import Heartbeat
+from syncpoint.interrupts import StopFlag, graceful_stop
 from syncpoint.redact import redact
 from syncpoint.sync_log import StageLog
-from tasks.checkpointed_map import Progress, Source, StageRun, StopFlag, map_batches
+from tasks.checkpointed_map import Progress, Source, StageRun, map_batches
 
 FAILURES_SHOWN = 20
 
@@ -58,7 +63,11 @@ class StageReport:
 
 
 class JobRun:
-    """A job's run (job, run key) as seen by one invocation."""
+    """A job's run (job, run key) as seen by one invocation; use it as a context manager.
+
+    Entering claims the run (one process at a time), starts its heartbeat and routes
+    SIGINT/SIGTERM to a clean stop; leaving on an exception records the run as failed.
+    """
 
     def __init__(
         self,
@@ -71,8 +80,10 @@ class JobRun:
         params: dict[str, Any],
         fresh: bool,
         logger: logging.Logger | logging.LoggerAdapter[logging.Logger],
+        resume_hint: str,
     ) -> None:
         self.job, self.run_key, self.data, self.logger = job, run_key, data, logger
+        self.resume_hint = resume_hint
         self.checkpoints = store.target(data)
         self.ledger = Ledger(self.checkpoints.engine())
         expired = self.ledger.expire(store.retention_days)
@@ -80,12 +91,24 @@ class JobRun:
             logger.info(
                 "removed %d completed checkpoints older than %d days", expired, store.retention_days
             )
-        self.run, self.resumed = self.ledger.open(
-            job, run_key, stages=stages, params=params, fresh=fresh
+        self.owner = new_owner()
+        self._stale_after = store.stale_after_seconds
+        claim = self.ledger.open(
+            job,
+            run_key,
+            stages=stages,
+            params=params,
+            fresh=fresh,
+            owner=self.owner,
+            stale_after=store.stale_after_seconds,
         )
+        self.run, self.resumed = claim.run, claim.resumed
         self.stop = StopFlag()
         self.reports: list[StageReport] = []
         self.started = time.monotonic()
+        self._exit = ExitStack()
+        if claim.took_over:
+            logger.warning("took over %s %s, left running by %s", job, run_key, claim.took_over)
         if self.already_complete:
             logger.info(
                 "%s %s is already complete (run %s): nothing to do", job, run_key, self.run.run_id
@@ -97,6 +120,34 @@ class JobRun:
             )
         else:
             logger.info("starting %s %s (run %s)", job, run_key, self.run.run_id)
+
+    def __enter__(self) -> JobRun:
+        self._exit.callback(self.ledger.release, self.owner)
+        if not self.already_complete:
+            heartbeat = Heartbeat(
+                self.ledger,
+                self.run_id,
+                self.owner,
+                interval=max(0.5, min(30.0, self._stale_after / 4)),
+                stop=self.stop,
+                logger=self.logger,
+            )
+            heartbeat.start()
+            self._exit.callback(heartbeat.close)
+            self._exit.enter_context(graceful_stop(self.stop, self.resume_hint))
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            if exc is not None and not isinstance(exc, RunFailed):
+                self.fail(exc)
+        finally:
+            self._exit.close()
 
     @property
     def run_id(self) -> str:
@@ -198,6 +249,10 @@ class JobRun:
         else:
             status = RunStatus.COMPLETED
         summary = self.summary(status)
+        if not self.ledger.heartbeat(self.run_id, self.owner):
+            # Taken over as stale while we worked: the new holder owns the status now.
+            self.logger.warning("%s %s belongs to another process now", self.job, self.run_key)
+            return summary
         self.ledger.set_status(self.run_id, status, summary)
         if status is RunStatus.FAILED:
             names = ", ".join(f"{r.name} ({r.error})" for r in failed)
@@ -230,6 +285,9 @@ class JobRun:
                 asdict(f) for f in self.ledger.failures(self.run_id, limit=FAILURES_SHOWN)
             ],
             "failures_total": sum(c.failed + c.retrying for c in counts.values()),
+            "interrupted": self.stop.reason,
+            "signal": self.stop.signum,
+            "resume_hint": self.resume_hint,
         }
 
     def _counts(self, stage: str) -> StageCounts:

@@ -55,9 +55,12 @@ def prefect_api() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def pg_root_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def pg_root_url() -> Iterator[str]:
     pgserver = pytest.importorskip("pgserver")
-    server = pgserver.get_server(str(tmp_path_factory.mktemp("pgdata")), cleanup_mode="stop")
+    # Not under pytest's tmp root: that is mode 0700, and as root pgserver runs postgres
+    # as its own unprivileged user, which must be able to reach the data directory.
+    datadir = tempfile.mkdtemp(prefix="syncpoint-pgdata-")
+    server = pgserver.get_server(datadir, cleanup_mode="delete")
     yield server.get_uri()
     server.cleanup()
 
