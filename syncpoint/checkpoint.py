@@ -247,17 +247,7 @@ class Ledger:
         `stale_after`) is taken over. A completed run is returned unclaimed: nothing to do.
         """
         row = self._latest_row(job, run_key)
-        took_over = None
-        if row is not None and row["status"] == RunStatus.RUNNING.value:
-            age = (_now() - (_aware(row["heartbeat_at"]) or _now())).total_seconds()
-            alive = _holder_is_alive(row["owner"])
-            if alive or (alive is None and age < stale_after):
-                raise RunBusy(
-                    f"{job} {run_key} is already running ({row['owner'] or 'unknown process'}, "
-                    f"heartbeat {age:.0f}s ago). Wait for it to finish; if that process is "
-                    f"gone, the run is taken over once its heartbeat is {stale_after:.0f}s old."
-                )
-            took_over = row["owner"] or "unknown process"
+        took_over = self._refuse_if_live(row, stale_after)
         if fresh and row is not None:
             self.delete(job, run_key)
             row = None
@@ -288,6 +278,25 @@ class Ledger:
             raise RunBusy(f"{job} {run_key} was claimed by another process just now")
         self._hold(owner)
         return Claim(self.get(run.run_id), resumed=True, took_over=took_over)
+
+    def ensure_idle(self, job: str, run_key: str, stale_after: float = STALE_AFTER_SECONDS) -> None:
+        """Raise RunBusy if a live process works on (job, run key) right now."""
+        self._refuse_if_live(self._latest_row(job, run_key), stale_after)
+
+    def _refuse_if_live(self, row: RowMapping | None, stale_after: float) -> str | None:
+        """RunBusy if `row` is held by a live process; its dead holder's name if stale."""
+        if row is None or row["status"] != RunStatus.RUNNING.value:
+            return None
+        age = (_now() - (_aware(row["heartbeat_at"]) or _now())).total_seconds()
+        alive = _holder_is_alive(row["owner"])
+        if alive or (alive is None and age < stale_after):
+            raise RunBusy(
+                f"{row['job']} {row['run_key']} is already running "
+                f"({row['owner'] or 'unknown process'}, heartbeat {age:.0f}s ago). Wait for it "
+                f"to finish; if that process is gone, the run is taken over once its "
+                f"heartbeat is {stale_after:.0f}s old."
+            )
+        return str(row["owner"] or "unknown process")
 
     def release(self, owner: str) -> None:
         """This process no longer works on the runs `owner` claimed."""

@@ -245,7 +245,15 @@ def cmd_checkpoints_show(args: argparse.Namespace) -> int:
 def cmd_checkpoints_reset(args: argparse.Namespace) -> int:
     if not args.key and not args.all:
         raise ConfigError("give the run key to reset (--key/--date YYYY-MM-DD) or --all")
-    removed = _ledger().delete(args.job, None if args.all else args.key)
+    from syncpoint import settings
+
+    stale_after = settings.checkpoint_store().stale_after_seconds
+    ledger = _ledger()
+    keys = [r.run_key for r in ledger.runs(args.job, limit=100_000) if not isinstance(r, Exception)]
+    # Never pull a checkpoint from under a live run.
+    for key in keys if args.all else [args.key]:
+        ledger.ensure_idle(args.job, key, stale_after)
+    removed = ledger.delete(args.job, None if args.all else args.key)
     what = f"{args.job} (all keys)" if args.all else f"{args.job} {args.key}"
     print(f"removed {removed} checkpoint(s) of {what}; the next run starts over")
     return EXIT_OK
