@@ -7,6 +7,8 @@ logged without leaking a password; `describe()` is the only form that reaches ou
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,9 +16,10 @@ from typing import Any
 from pydantic import SecretStr
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, InterfaceError, OperationalError, SQLAlchemyError
 
-from syncpoint.errors import ConfigError
+from syncpoint.errors import ConfigError, StorageError
+from syncpoint.redact import redact
 from syncpoint.tables import metadata
 
 _engines: dict[str, Engine] = {}
@@ -54,6 +57,29 @@ class Database:
 
     def same_as(self, other: Database) -> bool:
         return self.url.get_secret_value() == other.url.get_secret_value()
+
+
+@contextmanager
+def storage_errors(what: str) -> Iterator[None]:
+    """Turn a driver's exception (and its page of traceback) into one StorageError line.
+
+    `what` names the database, already safe to print (Database.describe()).
+    """
+    try:
+        yield
+    except SQLAlchemyError as exc:
+        cause = redact(_first_line(getattr(exc, "orig", None) or exc))
+        if isinstance(exc, OperationalError | InterfaceError) or getattr(
+            exc, "connection_invalidated", False
+        ):
+            raise StorageError(
+                f"database {what} is unreachable ({type(exc).__name__}: {cause}). "
+                "Nothing is lost: rerun once it is back to continue."
+            ) from None
+        raise StorageError(
+            f"database {what} rejected the write ({type(exc).__name__}: {cause}). "
+            "The batch was not stored; fix the cause and rerun to continue."
+        ) from None
 
 
 def _safe(url: str) -> str:

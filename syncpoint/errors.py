@@ -15,6 +15,10 @@ class ConfigError(SyncError):
     """Bad configuration or input: exit 2 and say what to change."""
 
 
+class StorageError(SyncError):
+    """The database failed under us (went away, refused a write): rerun once it is back."""
+
+
 class CheckpointError(SyncError):
     """A checkpoint that cannot be trusted: corrupt, unknown version, or held by another run."""
 

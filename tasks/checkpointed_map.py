@@ -28,7 +28,7 @@ from prefect.context import TaskRunContext
 from prefect.futures import PrefectFuture
 
 from syncpoint.checkpoint import ErrorKind, ItemOutcome, Ledger, PendingItem, StageCounts
-from syncpoint.db import Database
+from syncpoint.db import Database, storage_errors
 from syncpoint.errors import FatalApiError, ItemError, RetriableApiError
 from syncpoint.http import ApiClient
 from syncpoint.interrupts import StopFlag
@@ -137,13 +137,13 @@ def store_batch(data: Database, checkpoints: Database, table: str, outcome: Batc
     ledger = Ledger(checkpoints.engine())
     batch = outcome.batch
     if data.same_as(checkpoints):
-        with data.engine().begin() as conn:
+        with storage_errors(data.describe()), data.engine().begin() as conn:
             written = upsert(conn, table, outcome.rows)
             ledger.mark(conn, batch.run_id, batch.stage, outcome.outcomes, batch.number)
         return written
-    with data.engine().begin() as conn:
+    with storage_errors(data.describe()), data.engine().begin() as conn:
         written = upsert(conn, table, outcome.rows)
-    with checkpoints.engine().begin() as conn:
+    with storage_errors(checkpoints.describe()), checkpoints.engine().begin() as conn:
         ledger.mark(conn, batch.run_id, batch.stage, outcome.outcomes, batch.number)
     return written
 

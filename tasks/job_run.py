@@ -27,7 +27,7 @@ from syncpoint.checkpoint import (
     StageCounts,
     new_owner,
 )
-from syncpoint.db import Database
+from syncpoint.db import Database, storage_errors
 from syncpoint.errors import FatalApiError, SyncError
 from syncpoint.heartbeat import Heartbeat
 from syncpoint.interrupts import StopFlag, graceful_stop
@@ -148,6 +148,10 @@ class JobRun:
                 self.fail(exc)
         finally:
             self._exit.close()
+        if isinstance(exc, SQLAlchemyError):
+            # Raised here so the flow ends with one explained line, not a driver traceback.
+            with storage_errors(self.checkpoints.describe()):
+                raise exc
 
     @property
     def run_id(self) -> str:
