@@ -67,7 +67,7 @@ def daily_sync(
             resume_hint=f"Resume with: syncpoint run {JOB} --date {day.isoformat()}",
         ) as run:
             if run.already_complete:
-                return run.summary()
+                return run.publish(run.summary())
             run.stage("universe", lambda: _universe(run, ticker_source, tickers_file, api))
             tickers = lambda: run.items_done("universe")  # noqa: E731
             run.map_stage(

@@ -32,10 +32,12 @@ from syncpoint.errors import FatalApiError, SyncError
 from syncpoint.heartbeat import Heartbeat
 from syncpoint.interrupts import StopFlag, graceful_stop
 from syncpoint.redact import redact
+from syncpoint.run_page import RunPage
 from syncpoint.sync_log import StageLog
 from tasks.checkpointed_map import Progress, Source, StageRun, map_batches
 
 FAILURES_SHOWN = 20
+FAILED_ROWS_SHOWN = 200  # on the run page
 
 
 class RunFailed(SyncError):
@@ -104,6 +106,7 @@ class JobRun:
         )
         self.run, self.resumed = claim.run, claim.resumed
         self.stop = StopFlag()
+        self.page = RunPage(job, run_key, stages, logger)
         self.reports: list[StageReport] = []
         self.started = time.monotonic()
         self._exit = ExitStack()
@@ -227,6 +230,22 @@ class JobRun:
 
     def progress(self, progress: Progress) -> None:
         self.logger.info(progress.line())
+        self.page.progress(
+            progress.stage,
+            progress.done + progress.failed,
+            progress.total,
+            progress.rate,
+            progress.eta_seconds,
+        )
+
+    def publish(self, summary: dict[str, Any]) -> dict[str, Any]:
+        """Show the summary and failed items on the run's page; returns the summary."""
+        try:
+            failures = self.ledger.failures(self.run_id, limit=FAILED_ROWS_SHOWN)
+        except SQLAlchemyError:
+            failures = []
+        self.page.finished(summary, failures)
+        return summary
 
     def register_settled(self, stage: str, done: Sequence[str], failed: dict[str, str]) -> None:
         """Record a stage whose items were settled without fetching (e.g. validation)."""
@@ -252,7 +271,7 @@ class JobRun:
             status = RunStatus.PARTIAL
         else:
             status = RunStatus.COMPLETED
-        summary = self.summary(status)
+        summary = self.publish(self.summary(status))
         if not self.ledger.heartbeat(self.run_id, self.owner):
             # Taken over as stale while we worked: the new holder owns the status now.
             self.logger.warning("%s %s belongs to another process now", self.job, self.run_key)
@@ -266,7 +285,10 @@ class JobRun:
     def fail(self, exc: BaseException) -> None:
         """Record a run stopped by `exc` (fatal API error, interrupt, crash of the flow)."""
         try:
-            self.ledger.set_status(self.run_id, RunStatus.FAILED, self.summary(RunStatus.FAILED))
+            summary = self.summary(RunStatus.FAILED)
+            summary["error"] = _one_line(exc)
+            self.publish(summary)
+            self.ledger.set_status(self.run_id, RunStatus.FAILED, summary)
         except SQLAlchemyError as db_exc:
             self.logger.warning("could not record the failed status: %s", _one_line(db_exc))
 
