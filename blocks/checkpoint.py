@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prefect.blocks.core import Block
 from prefect_sqlalchemy import SqlAlchemyConnector
-from pydantic import Field, SecretStr
+from pydantic import Field, HttpUrl, SecretStr
 
 from syncpoint.checkpoint import STALE_AFTER_SECONDS, Ledger
 from syncpoint.db import Database
@@ -22,7 +22,7 @@ class CheckpointStore(Block):
         from blocks.checkpoint import CheckpointStore
         from syncpoint.db import Database
 
-        store = CheckpointStore.load("nightly")
+        store = CheckpointStore.load("BLOCK_NAME")
         ledger = store.ledger(fallback=Database.from_url("sqlite:///syncpoint.db"))
         print(ledger.runs("daily-sync"))
         ```
@@ -31,6 +31,7 @@ class CheckpointStore(Block):
     _block_type_name = "Syncpoint Checkpoint Store"
     _block_type_slug = "syncpoint-checkpoint-store"
     _description = "Database and retention for syncpoint's resumable run checkpoints."
+    _documentation_url = HttpUrl("https://github.com/syncpoint/syncpoint#how-resume-works")
 
     database: SqlAlchemyConnector | None = Field(
         default=None,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from prefect.blocks.core import Block
-from pydantic import Field, SecretStr
+from pydantic import Field, HttpUrl, SecretStr
 
 from syncpoint.http import ApiClient, RetryPolicy
 from syncpoint.rate_limit import shared_limiter
@@ -20,7 +20,7 @@ class MarketApi(Block):
         ```python
         from blocks.market_api import MarketApi
 
-        api = MarketApi.load("fmp")
+        api = MarketApi.load("BLOCK_NAME")
         async with api.client() as client:
             rows = await client.get_json("/stable/sp500-constituent")
         ```
@@ -29,10 +29,11 @@ class MarketApi(Block):
     _block_type_name = "Syncpoint Market API"
     _block_type_slug = "syncpoint-market-api"
     _description = "Base URL, key and pacing for the market data API syncpoint reads."
+    _documentation_url = HttpUrl("https://github.com/syncpoint/syncpoint#configuration")
 
     base_url: str = Field(
         default="https://financialmodelingprep.com",
-        description="Root URL of the API; requests go to <base_url>/stable/...",
+        description="Root URL of the API; requests go to <base_url>/stable/<endpoint>.",
     )
     api_key: SecretStr | None = Field(
         default=None,
@@ -41,7 +42,14 @@ class MarketApi(Block):
     requests_per_minute: float | None = Field(
         default=None,
         gt=0,
-        description="Pace all requests below this many per minute; empty means unlimited.",
+        description="Pace this process's requests to this many per minute; empty: unlimited.",
+    )
+    global_rate_limit: str | None = Field(
+        default=None,
+        description=(
+            "Name of a Prefect global concurrency limit with slot decay; every request takes "
+            "a slot, so runs on different workers share one requests-per-minute budget."
+        ),
     )
     concurrency: int = Field(
         default=16, ge=1, le=256, description="Requests in flight at once within a batch."
@@ -59,7 +67,7 @@ class MarketApi(Block):
             self.base_url,
             api_key=self.api_key,
             concurrency=self.concurrency,
-            limiter=shared_limiter(self.base_url, self.requests_per_minute),
+            limiter=shared_limiter(self.base_url, self.requests_per_minute, self.global_rate_limit),
             policy=RetryPolicy(attempts=self.max_attempts),
             timeout=self.timeout_seconds,
         )

@@ -21,7 +21,17 @@ JOB = "daily-sync"
 STAGES = ("universe", "prices", "valuations")
 
 
-@flow(name=JOB, log_prints=False, validate_parameters=True)
+RETRIES, RETRY_DELAY_SECONDS = settings.flow_retries()
+
+
+# A retry (automatic, from the dashboard or `prefect flow-run retry`) resumes the run.
+@flow(
+    name=JOB,
+    retries=RETRIES,
+    retry_delay_seconds=RETRY_DELAY_SECONDS,
+    log_prints=False,
+    validate_parameters=True,
+)
 def daily_sync(
     run_date: str | None = None,
     tickers_file: str | None = None,

@@ -138,7 +138,8 @@ def cmd_run_daily_sync(args: argparse.Namespace) -> int:
 
     _tame_logs()
     _start_ephemeral_prefect()
-    state = daily_sync(
+    # No automatic flow retries here: the exit code answers now; rerunning resumes.
+    state = daily_sync.with_options(retries=0)(
         run_date=day.isoformat(),
         tickers_file=args.tickers_file,
         ticker_source=args.ticker_source,

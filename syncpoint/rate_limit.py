@@ -13,6 +13,8 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 
+from syncpoint.errors import ConfigError
+
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
 
@@ -24,12 +26,15 @@ class RateLimiter:
         self,
         per_minute: float | None,
         *,
+        global_limit: str | None = None,
         clock: Clock = time.monotonic,
         sleep: Sleep = asyncio.sleep,
     ) -> None:
         if per_minute is not None and per_minute <= 0:
             raise ValueError("per_minute must be positive or None (unlimited)")
         self.per_minute = per_minute
+        # A Prefect global concurrency limit with slot decay: one budget for every worker.
+        self.global_limit = global_limit
         self._interval = 60.0 / per_minute if per_minute else 0.0
         self._clock = clock
         self._sleep = sleep
@@ -52,6 +57,8 @@ class RateLimiter:
         if delay > 0:
             self.waited += delay
             await self._sleep(delay)
+        if self.global_limit:
+            await _global_slot(self.global_limit)
 
     def pause(self, seconds: float) -> None:
         """The API asked everyone to back off: no slot before now + seconds."""
@@ -59,20 +66,36 @@ class RateLimiter:
             self._next = max(self._next, self._clock() + max(0.0, seconds))
 
 
-_shared: dict[str, RateLimiter] = {}
+async def _global_slot(name: str) -> None:
+    from prefect.concurrency.asyncio import ConcurrencySlotAcquisitionError, rate_limit
+
+    try:
+        await rate_limit(name, occupy=1, strict=True)
+    except ConcurrencySlotAcquisitionError:
+        raise ConfigError(
+            f"Prefect global concurrency limit {name!r} does not exist (or has no slot decay); "
+            f"create it with: prefect gcl create {name} --limit 10 --slot-decay-per-second 1.5"
+        ) from None
+
+
+_shared: dict[tuple[str, str | None], RateLimiter] = {}
 _shared_lock = threading.Lock()
 
 
-def shared_limiter(key: str, per_minute: float | None) -> RateLimiter:
+def shared_limiter(
+    key: str, per_minute: float | None, global_limit: str | None = None
+) -> RateLimiter:
     """The process-wide limiter for `key` (a base URL); created on first use."""
     with _shared_lock:
-        limiter = _shared.get(key)
+        limiter = _shared.get((key, global_limit))
         if limiter is None or limiter.per_minute != per_minute:
-            limiter = _shared[key] = RateLimiter(per_minute)
+            limiter = _shared[(key, global_limit)] = RateLimiter(
+                per_minute, global_limit=global_limit
+            )
         return limiter
 
 
-def drop_limiter(key: str) -> None:
+def drop_limiter(key: str, global_limit: str | None = None) -> None:
     """Forget a shared limiter (tests and the end of a run)."""
     with _shared_lock:
-        _shared.pop(key, None)
+        _shared.pop((key, global_limit), None)

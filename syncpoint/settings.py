@@ -37,6 +37,17 @@ def env_int(name: str, default: int, *, minimum: int = 1) -> int:
     return value
 
 
+def flow_retries() -> tuple[int, int]:
+    """Prefect retries of a whole flow run (seed 000's platform retries): count, delay.
+
+    Read when a flow module is imported, i.e. by the worker's process for deployments.
+    """
+    return (
+        env_int("SYNCPOINT_FLOW_RETRIES", 2, minimum=0),
+        env_int("SYNCPOINT_FLOW_RETRY_DELAY_SECONDS", 300, minimum=0),
+    )
+
+
 def env_float(name: str) -> float | None:
     raw = os.environ.get(name)
     if raw is None or raw.strip() == "":
@@ -109,6 +120,7 @@ def market_api(block_name: str | None = None, concurrency: int | None = None) ->
             base_url=url.rstrip("/"),
             api_key=SecretStr(key) if key else None,
             requests_per_minute=env_float("MARKET_API_RATE_LIMIT"),
+            global_rate_limit=os.environ.get("MARKET_API_GLOBAL_RATE_LIMIT") or None,
             concurrency=env_int("SYNC_CONCURRENCY", 16),
         )
     if concurrency is not None:

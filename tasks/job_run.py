@@ -28,7 +28,7 @@ from syncpoint.checkpoint import (
     new_owner,
 )
 from syncpoint.db import Database, storage_errors
-from syncpoint.errors import FatalApiError, SyncError
+from syncpoint.errors import ConfigError, FatalApiError, SyncError
 from syncpoint.heartbeat import Heartbeat
 from syncpoint.interrupts import StopFlag, graceful_stop
 from syncpoint.redact import redact
@@ -171,14 +171,15 @@ class JobRun:
         log = StageLog(f"{self.job}.{name}")
         began = time.monotonic()
         report = StageReport(name, "success")
-        fatal: FatalApiError | None = None
+        fatal: FatalApiError | ConfigError | None = None
         try:
             ran = body()
             if ran is not None:
                 report.rows_written, report.requests = ran.rows_written, ran.requests
                 if ran.fatal:
                     fatal = FatalApiError(ran.fatal)
-        except FatalApiError as exc:
+        except (FatalApiError, ConfigError) as exc:
+            # Every later request or stage would fail the same way: stop the run.
             fatal = exc
         except (SyncError, SQLAlchemyError, OSError) as exc:
             report.status, report.error = "failed", _one_line(exc)

@@ -14,6 +14,8 @@ _PREFECT_HOME = tempfile.mkdtemp(prefix="syncpoint-tests-prefect-")
 os.environ["PREFECT_HOME"] = _PREFECT_HOME
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
+# In-process flow calls answer at once; deployment tests set their own retries.
+os.environ["SYNCPOINT_FLOW_RETRIES"] = "0"
 for _name in (
     "PREFECT_API_URL",
     "MARKET_API_URL",
