@@ -239,12 +239,14 @@ class Ledger:
         fresh: bool,
         owner: str,
         stale_after: float = STALE_AFTER_SECONDS,
+        reopen: bool = False,
     ) -> Claim:
         """Claim the run (job, run key) for `owner`: resume it, start it, or refuse.
 
         One process at a time: a run another live process holds raises RunBusy; one left
         'running' by a dead process (its pid gone, or its heartbeat older than
-        `stale_after`) is taken over. A completed run is returned unclaimed: nothing to do.
+        `stale_after`) is taken over. A completed run is returned unclaimed (nothing to
+        do) unless `reopen` asks to work on it again, e.g. to retry its failed items.
         """
         row = self._latest_row(job, run_key)
         took_over = self._refuse_if_live(row, stale_after)
@@ -254,7 +256,7 @@ class Ledger:
         if row is None:
             return Claim(self._create(job, run_key, stages, params, owner), resumed=False)
         run = self._load(row)  # validates: a corrupt checkpoint stops here, by name
-        if run.status is RunStatus.COMPLETED:
+        if run.status is RunStatus.COMPLETED and not reopen:
             return Claim(run, resumed=True)
         now = _now()
         with self.engine.begin() as conn:
@@ -498,6 +500,45 @@ class Ledger:
             query = query.where(sync_items.c.status == status.value)
         with self.engine.connect() as conn:
             return list(conn.scalars(query.order_by(sync_items.c.item)))
+
+    def last_batch_no(self, run_id: str, stage: str) -> int:
+        with self.engine.connect() as conn:
+            value = conn.execute(
+                select(func.max(sync_items.c.batch_no)).where(
+                    sync_items.c.run_id == run_id, sync_items.c.stage == stage
+                )
+            ).scalar()
+        return int(value or 0)
+
+    def settled_without_fetch(self, run_id: str, stage: str) -> int:
+        """Items done without a batch (e.g. already cached): they cost no request."""
+        with self.engine.connect() as conn:
+            return int(
+                conn.execute(
+                    select(func.count()).where(
+                        sync_items.c.run_id == run_id,
+                        sync_items.c.stage == stage,
+                        sync_items.c.status == ItemStatus.DONE.value,
+                        sync_items.c.batch_no.is_(None),
+                    )
+                ).scalar_one()
+            )
+
+    def requeue_failed(self, run_id: str, stage: str) -> list[str]:
+        """Make a stage's failed items (permanent ones included) pending again; their names."""
+        failed = (
+            sync_items.c.run_id == run_id,
+            sync_items.c.stage == stage,
+            sync_items.c.status == ItemStatus.FAILED.value,
+        )
+        with self.engine.begin() as conn:
+            items = list(conn.scalars(select(sync_items.c.item).where(*failed)))
+            conn.execute(
+                update(sync_items)
+                .where(*failed)
+                .values(status=ItemStatus.PENDING.value, error_kind=None, updated_at=_now())
+            )
+        return sorted(items)
 
     def pending(self, run_id: str, stage: str) -> list[PendingItem]:
         """Universe - done - permanently failed, in a stable order."""

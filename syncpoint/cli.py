@@ -21,7 +21,9 @@ from syncpoint.interrupts import exit_code
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
 EXIT_BY_STATUS = {"completed": EXIT_OK, "partial": EXIT_PARTIAL, "failed": EXIT_FAILED}
-JOBS = ("daily-sync",)
+JOBS = ("daily-sync", "fill-cache")
+# Jobs whose status reads like seed 001's batch job: the stage that is batched.
+BATCH_JOBS = {"fill-cache": "history"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -77,6 +79,21 @@ def build_parser() -> argparse.ArgumentParser:
     daily.add_argument("--json", action="store_true", help="print the summary as JSON")
     daily.set_defaults(handler=cmd_run_daily_sync)
 
+    fill = jobs.add_parser("fill-cache", help="backfill price history in resumable batches")
+    fill.add_argument("--ticker-source", choices=["sp500", "all", "custom"], default="sp500")
+    fill.add_argument("--tickers", help="comma-separated tickers (with --ticker-source custom)")
+    fill.add_argument("--batch-size", type=int, default=5, help="tickers per batch (default 5)")
+    fill.add_argument("--start", help="first day YYYY-MM-DD (default: five years before --end)")
+    fill.add_argument("--end", help="last day YYYY-MM-DD (default: yesterday, UTC)")
+    fill.add_argument(
+        "--max-batches", type=int, default=None, help="stop after N batches as partial"
+    )
+    fill.add_argument(
+        "--retry-failed", action="store_true", help="reprocess only the tickers that failed"
+    )
+    fill.add_argument("--json", action="store_true", help="print the summary as JSON")
+    fill.set_defaults(handler=cmd_run_fill_cache)
+
     status = sub.add_parser("status", help="latest runs, progress and failed items")
     status.add_argument("job", nargs="?", choices=JOBS)
     status.add_argument("--key", "--date", dest="key", help="one run key (date)")
@@ -130,26 +147,63 @@ def cmd_run_daily_sync(args: argparse.Namespace) -> int:
     settings.positive("--max-items", args.max_items, allow_none=True)
     if args.tickers_file and not Path(args.tickers_file).is_file():
         raise ConfigError(f"tickers file not found: {args.tickers_file}")
+    return _run_flow(
+        "flows.daily_sync:daily_sync",
+        {
+            "run_date": day.isoformat(),
+            "tickers_file": args.tickers_file,
+            "ticker_source": args.ticker_source,
+            "batch_size": batch_size,
+            "concurrency": args.concurrency,
+            "max_items": args.max_items,
+            "fresh": args.fresh,
+        },
+        args.json,
+    )
+
+
+def cmd_run_fill_cache(args: argparse.Namespace) -> int:
+    from syncpoint import settings
+
+    first, last = settings.history_range(args.start, args.end)
+    settings.positive("--batch-size", args.batch_size)
+    settings.positive("--max-batches", args.max_batches, allow_none=True)
+    tickers = [t for t in (args.tickers or "").split(",") if t.strip()]
+    if args.ticker_source == "custom" and not tickers:
+        raise ConfigError("--ticker-source custom needs --tickers A,B,...")
+    if tickers and args.ticker_source != "custom":
+        raise ConfigError("--tickers goes with --ticker-source custom")
+    return _run_flow(
+        "flows.fill_cache:fill_cache",
+        {
+            "ticker_source": args.ticker_source,
+            "tickers": tickers or None,
+            "batch_size": args.batch_size,
+            "start": first.isoformat(),
+            "end": last.isoformat(),
+            "max_batches": args.max_batches,
+            "retry_failed": args.retry_failed,
+        },
+        args.json,
+    )
+
+
+def _run_flow(entrypoint: str, parameters: dict[str, Any], as_json: bool) -> int:
+    """Validate the environment, then run the flow in this process and report it."""
+    import importlib
+
+    from syncpoint import settings
+
     settings.market_api()  # validates MARKET_API_* before Prefect starts
     settings.database().engine()  # a bad or unwritable database fails here, in a line
     _quiet_prefect()
-
-    from flows.daily_sync import daily_sync
-
+    module, name = entrypoint.split(":")
+    flow = getattr(importlib.import_module(module), name)
     _tame_logs()
     _start_ephemeral_prefect()
     # No automatic flow retries here: the exit code answers now; rerunning resumes.
-    state = daily_sync.with_options(retries=0)(
-        run_date=day.isoformat(),
-        tickers_file=args.tickers_file,
-        ticker_source=args.ticker_source,
-        batch_size=batch_size,
-        concurrency=args.concurrency,
-        max_items=args.max_items,
-        fresh=args.fresh,
-        return_state=True,
-    )
-    return _report(state, args.json)
+    state = flow.with_options(retries=0)(**parameters, return_state=True)
+    return _report(state, as_json)
 
 
 def _report(state: Any, as_json: bool) -> int:
@@ -203,6 +257,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         runs: list[Any] = [run] if run else []
     else:
         runs = ledger.runs(args.job, limit=args.limit)
+    if args.job in BATCH_JOBS:
+        return _batch_job_status(ledger, runs, args)
     if args.json:
         out: list[dict[str, Any]] = [
             {"error": str(r)} if isinstance(r, CheckpointError) else run_status(ledger, r)
@@ -215,6 +271,31 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(out, indent=2, default=str))
     else:
         print(status_text(ledger, runs, args.failures))
+    return EXIT_OK
+
+
+def _batch_job_status(ledger: Any, runs: list[Any], args: argparse.Namespace) -> int:
+    """Seed 001's status: progress and batches of the latest run, or of --key."""
+    from syncpoint.report import batch_job_status, status_text
+
+    if not runs:
+        print("{}" if args.json else f"No {args.job} runs recorded yet.")
+        return EXIT_OK
+    if isinstance(runs[0], CheckpointError):
+        raise runs[0]
+    status = batch_job_status(ledger, runs[0], BATCH_JOBS[args.job])
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return EXIT_OK
+    print(status_text(ledger, runs[:1], args.failures))
+    p, b = status["progress"], status["batches"]
+    print(
+        f"    progress     {p['processed']}/{p['total']} ({p['percentage']}%), "
+        f"{p['successful']} successful, {p['failed']} failed, {p['cached']} already cached; "
+        f"elapsed {p['elapsedTime']}s, ~{p['estimatedTimeRemaining']}s left"
+    )
+    print(f"    batches      {b['completed']}/{b['total']} completed, {b['remaining']} remaining")
+    print(f"    {status['message']}")
     return EXIT_OK
 
 

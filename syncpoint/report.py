@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from datetime import UTC, datetime
 from typing import Any
 
 from syncpoint.checkpoint import Ledger, Run, StageCounts
@@ -113,3 +115,56 @@ def status_text(ledger: Ledger, runs: list[Run | CheckpointError], failures: int
                     for f in shown
                 ]
     return "\n".join(lines)
+
+
+def batch_job_status(ledger: Ledger, run: Run, stage: str) -> dict[str, Any]:
+    """A batch job's status in seed 001's shape (fill-cache-batch-status)."""
+    c = ledger.counts(run.run_id).get(stage, StageCounts())
+    cached = ledger.settled_without_fetch(run.run_id, stage)
+    batch_size = int(run.state.params.get("batch_size") or 5)
+    successful, failed = c.done, c.failed + c.retrying
+    processed = successful + failed
+    total_batches = math.ceil(max(0, c.total - cached) / batch_size)
+    completed = min(total_batches, ledger.last_batch_no(run.run_id, stage))
+    if c.pending == 0:
+        completed = total_batches
+    remaining = total_batches - completed
+    running = run.status.value == "running"
+    end = run.finished_at if run.finished_at and not running else datetime.now(UTC)
+    elapsed = max(0.0, (end - run.created_at).total_seconds())
+    fetched = processed - cached
+    eta = round(elapsed / fetched * c.pending) if fetched > 0 and c.pending else 0
+    current = completed + 1 if running and remaining else completed
+    if run.status.value == "completed":
+        message = f"Completed: {successful} successful, {failed} failed."
+    elif running:
+        message = f"Processing batch {current} of {total_batches}. {remaining} batches remaining."
+    elif run.status.value == "partial":
+        message = (
+            f"Stopped after batch {completed} of {total_batches}. {remaining} batches "
+            "remaining: run it again to continue."
+        )
+    else:
+        message = f"Failed after batch {completed} of {total_batches}: run it again to resume."
+    return {
+        "jobId": run.run_id,
+        "runKey": run.run_key,
+        "status": run.status.value,
+        "progress": {
+            "processed": processed,
+            "total": c.total,
+            "percentage": round(100.0 * processed / c.total, 1) if c.total else 100.0,
+            "successful": successful,
+            "failed": failed,
+            "cached": cached,
+            "elapsedTime": round(elapsed),
+            "estimatedTimeRemaining": eta,
+        },
+        "batches": {
+            "current": current,
+            "total": total_batches,
+            "completed": completed,
+            "remaining": remaining,
+        },
+        "message": message,
+    }

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import cast
 
@@ -81,6 +81,21 @@ def run_date(value: str | date | None) -> date:
         return date.fromisoformat(value)
     except ValueError:
         raise ConfigError(f"bad date {value!r}: use YYYY-MM-DD") from None
+
+
+def history_range(start: str | None, end: str | None) -> tuple[date, date]:
+    """[start, end] for a backfill: default five years back to yesterday (UTC)."""
+    last = run_date(end) if end else datetime.now(UTC).date() - timedelta(days=1)
+    if start:
+        first = run_date(start)
+    else:
+        try:
+            first = last.replace(year=last.year - 5)
+        except ValueError:  # 29 February
+            first = last.replace(year=last.year - 5, day=28)
+    if first > last:
+        raise ConfigError(f"start {first} is after end {last}")
+    return first, last
 
 
 def database(block_name: str | None = None) -> Database:

@@ -204,13 +204,24 @@ def map_batches(
     max_items: int | None,
     stop: StopFlag,
     on_progress: Callable[[Progress], None],
+    max_batches: int | None = None,
+    only: frozenset[str] | None = None,
 ) -> StageRun:
-    """Run a stage's pending items in batches until done, capped, stopped or fatal."""
+    """Run a stage's pending items in batches until done, capped, stopped or fatal.
+
+    `max_items` / `max_batches` cap this invocation (the rest stays pending); `only`
+    restricts it to those items. Batch numbers continue across invocations of a run.
+    """
     pending = ledger.pending(run_id, stage)
+    if only is not None:
+        pending = [p for p in pending if p.item in only]
+    if max_batches is not None:
+        pending = pending[: max_batches * batch_size]
     planned = pending if max_items is None else pending[:max_items]
+    first = ledger.last_batch_no(run_id, stage) + 1
     batches = [
         Batch(run_id, stage, number, tuple(planned[start : start + batch_size]))
-        for number, start in enumerate(range(0, len(planned), batch_size), 1)
+        for number, start in enumerate(range(0, len(planned), batch_size), first)
     ]
     base = ledger.counts(run_id).get(stage, StageCounts())
     tally = {"done": base.done, "failed": base.failed, "retrying": base.retrying}

@@ -83,6 +83,7 @@ class JobRun:
         fresh: bool,
         logger: logging.Logger | logging.LoggerAdapter[logging.Logger],
         resume_hint: str,
+        reopen: bool = False,
     ) -> None:
         self.job, self.run_key, self.data, self.logger = job, run_key, data, logger
         self.resume_hint = resume_hint
@@ -103,6 +104,7 @@ class JobRun:
             fresh=fresh,
             owner=self.owner,
             stale_after=store.stale_after_seconds,
+            reopen=reopen,
         )
         self.run, self.resumed = claim.run, claim.resumed
         self.stop = StopFlag()
@@ -204,16 +206,18 @@ class JobRun:
         *,
         items: Callable[[], Sequence[str]],
         batch_size: int,
-        max_items: int | None,
+        max_items: int | None = None,
+        max_batches: int | None = None,
+        only: frozenset[str] | None = None,
     ) -> StageReport:
         """A stage that maps `source` over `items` (registered once per run) in batches."""
 
         def body() -> StageRun:
-            if not self.ledger.has_items(self.run_id, name):
-                universe = items()
-                if not universe:
-                    raise SyncError(f"no items to process for {name}")
-                self.ledger.add_items(self.run_id, name, universe)
+            universe = items()
+            if not universe and not self.ledger.has_items(self.run_id, name):
+                raise SyncError(f"no items to process for {name}")
+            # Items already known (settled early, or by an earlier attempt) are kept as is.
+            self.ledger.add_items(self.run_id, name, universe)
             return map_batches(
                 ledger=self.ledger,
                 data=self.data,
@@ -225,6 +229,8 @@ class JobRun:
                 max_items=max_items,
                 stop=self.stop,
                 on_progress=self.progress,
+                max_batches=max_batches,
+                only=only,
             )
 
         return self.stage(name, body)

@@ -70,12 +70,16 @@ class ValuationsSource:
         return [parse_valuation(ticker, payload)]
 
 
-async def fetch_sp500(api: MarketApi) -> tuple[list[str], int]:
-    """The S&P 500 constituents' symbols as the API lists them, and the requests it took."""
+LISTS = {"sp500": SP500_PATH, "all": STOCK_LIST_PATH}
+
+
+async def fetch_symbols(api: MarketApi, source: str) -> tuple[list[str], int]:
+    """A ticker list the API publishes ("sp500" or "all") and the requests it took."""
+    path = LISTS[source]
     async with api.client() as client:
-        payload = await client.get_json(SP500_PATH)
-    rows = _records(payload, "sp500-constituent")
-    return [str(_field(row, "symbol", "sp500-constituent")) for row in rows], client.requests_sent
+        payload = await client.get_json(path)
+    rows = _records(payload, path)
+    return [str(_field(row, "symbol", path)) for row in rows], client.requests_sent
 
 
 def parse_prices(ticker: str, payload: Any) -> list[dict[str, Any]]:

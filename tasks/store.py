@@ -7,10 +7,11 @@ exactly-once effect.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import date, timedelta
 from typing import Any, cast
 
 import pandas as pd
-from sqlalchemy import Connection, Table
+from sqlalchemy import Connection, Table, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from syncpoint.tables import dcf_valuations, stock_prices
@@ -64,3 +65,31 @@ def upsert(conn: Connection, table_name: str, rows: Sequence[dict[str, Any]]) ->
     else:  # pragma: no cover - Database.from_url refuses other backends
         raise ValueError(f"no upsert for {dialect}")
     return len(records)
+
+
+# A range counts as cached when the stored history reaches within this many days of both
+# ends: weekends and market holidays mean the exact first and last days may have no bar.
+CACHED_EDGE_DAYS = 4
+_IN_CHUNK = 500
+
+
+def cached_tickers(conn: Connection, tickers: Sequence[str], start: date, end: date) -> set[str]:
+    """The tickers whose stock_prices history already covers [start, end]."""
+    covered: set[str] = set()
+    lo, hi = start + timedelta(days=CACHED_EDGE_DAYS), end - timedelta(days=CACHED_EDGE_DAYS)
+    for i in range(0, len(tickers), _IN_CHUNK):
+        chunk = list(tickers[i : i + _IN_CHUNK])
+        rows = conn.execute(
+            select(
+                stock_prices.c.ticker,
+                func.min(stock_prices.c.date),
+                func.max(stock_prices.c.date),
+            )
+            .where(
+                stock_prices.c.ticker.in_(chunk),
+                stock_prices.c.date.between(start, end),
+            )
+            .group_by(stock_prices.c.ticker)
+        ).all()
+        covered.update(t for t, first, last in rows if first <= lo and last >= hi)
+    return covered

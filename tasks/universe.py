@@ -17,7 +17,7 @@ from prefect.cache_policies import NO_CACHE
 
 from blocks.market_api import MarketApi
 from syncpoint.errors import ConfigError
-from tasks.market_api import fetch_sp500
+from tasks.market_api import LISTS, fetch_symbols
 
 # Upper-case letters and digits with the class separators real exchanges use (BRK.B,
 # BF-B, ^GSPC): short enough for any column, nothing a path or a query could abuse.
@@ -89,16 +89,28 @@ def read_tickers_file(path: str | Path) -> list[str]:
     return [(row.get(column) or "").strip() for row in reader]
 
 
+SOURCES = ("sp500", "all", "custom")
+
+
 @task(name="resolve-universe", cache_policy=NO_CACHE)
 async def resolve_universe(
-    ticker_source: str, tickers_file: str | None, api: MarketApi
+    ticker_source: str,
+    tickers_file: str | None,
+    api: MarketApi,
+    tickers: list[str] | None = None,
 ) -> Universe:
-    """The run's tickers: from `tickers_file` if given, else from the API's S&P 500 list."""
+    """The run's tickers: a file, an explicit list (custom), or a list the API publishes."""
     if tickers_file:
         return validate(read_tickers_file(tickers_file))
-    if ticker_source != "sp500":
-        raise ConfigError(f"unknown ticker source {ticker_source!r}: use sp500 or a tickers file")
-    symbols, requests = await fetch_sp500(api)
+    if ticker_source == "custom":
+        if not tickers:
+            raise ConfigError("ticker source 'custom' needs tickers (--tickers A,B,...)")
+        return validate(tickers)
+    if ticker_source not in LISTS:
+        raise ConfigError(
+            f"unknown ticker source {ticker_source!r}: use {', '.join(SOURCES)} or a tickers file"
+        )
+    symbols, requests = await fetch_symbols(api, ticker_source)
     universe = validate(symbols)
     universe.requests = requests
     return universe
