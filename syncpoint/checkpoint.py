@@ -13,7 +13,7 @@ import socket
 import threading
 import uuid
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
@@ -116,6 +116,8 @@ class RunState:
     stages: list[str]
     params: dict[str, Any] = field(default_factory=dict)
     summary: dict[str, Any] | None = None
+    # Cursor streams (document-sync): cursor, window and counts; None for item jobs.
+    stream: dict[str, Any] | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, default=str)
@@ -133,9 +135,12 @@ class RunState:
             raise ValueError("state.stages is not a list of names")
         params = data.get("params") or {}
         summary = data.get("summary")
-        if not isinstance(params, dict) or not (summary is None or isinstance(summary, dict)):
-            raise ValueError("state.params/summary are not objects")
-        return cls(str(data["job"]), str(data["run_key"]), stages, params, summary)
+        stream = data.get("stream")
+        if not isinstance(params, dict) or not all(
+            v is None or isinstance(v, dict) for v in (summary, stream)
+        ):
+            raise ValueError("state.params/summary/stream are not objects")
+        return cls(str(data["job"]), str(data["run_key"]), stages, params, summary, stream)
 
 
 @dataclass(frozen=True)
@@ -372,12 +377,23 @@ class Ledger:
         values: dict[str, Any] = {"status": status.value, "updated_at": now, "heartbeat_at": now}
         values["finished_at"] = now if status is not RunStatus.RUNNING else None
         if summary is not None:
-            state = self.get(run_id).state
-            values["state"] = RunState(
-                state.job, state.run_key, state.stages, state.params, summary
-            ).to_json()
+            values["state"] = replace(self.get(run_id).state, summary=summary).to_json()
         with self.engine.begin() as conn:
             conn.execute(update(sync_runs).where(sync_runs.c.run_id == run_id).values(**values))
+
+    def save_stream(self, conn: Connection, run_id: str, stream: dict[str, Any]) -> None:
+        """Record a cursor stream's position on `conn`: the caller's transaction, after its
+        data, so the saved cursor never runs ahead of the stored records."""
+        text = conn.execute(select(sync_runs.c.state).where(sync_runs.c.run_id == run_id)).scalar()
+        if text is None:
+            raise CheckpointError(f"no checkpoint with run id {run_id}")
+        state = replace(RunState.from_json(text), stream=dict(stream))
+        now = _now()
+        conn.execute(
+            update(sync_runs)
+            .where(sync_runs.c.run_id == run_id)
+            .values(state=state.to_json(), updated_at=now, heartbeat_at=now)
+        )
 
     def heartbeat(self, run_id: str, owner: str) -> bool:
         """Refresh the run's heartbeat; False if `owner` no longer holds it."""

@@ -21,9 +21,11 @@ from syncpoint.interrupts import exit_code
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
 EXIT_BY_STATUS = {"completed": EXIT_OK, "partial": EXIT_PARTIAL, "failed": EXIT_FAILED}
-JOBS = ("daily-sync", "fill-cache")
+JOBS = ("daily-sync", "fill-cache", "document-sync")
 # Jobs whose status reads like seed 001's batch job: the stage that is batched.
 BATCH_JOBS = {"fill-cache": "history"}
+# Jobs with one cursor checkpoint per run key (entity).
+STREAM_JOBS = ("document-sync",)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -94,6 +96,22 @@ def build_parser() -> argparse.ArgumentParser:
     fill.add_argument("--json", action="store_true", help="print the summary as JSON")
     fill.set_defaults(handler=cmd_run_fill_cache)
 
+    docs = jobs.add_parser("document-sync", help="incremental cursor sync of DIP documents")
+    which = docs.add_mutually_exclusive_group(required=True)
+    which.add_argument("--entity", help="one entity, e.g. drucksache")
+    which.add_argument("--all", action="store_true", help="every entity, each on its own")
+    how = docs.add_mutually_exclusive_group()
+    how.add_argument(
+        "--resume", action="store_true", help="continue an interrupted stream from its cursor"
+    )
+    how.add_argument(
+        "--resume-all", action="store_true", help="with --all: resume every interrupted stream"
+    )
+    docs.add_argument("--end", help="only records updated up to this day (default: now)")
+    docs.add_argument("--since", help="only records updated from this day (default: last sync)")
+    docs.add_argument("--json", action="store_true", help="print the summary as JSON")
+    docs.set_defaults(handler=cmd_run_document_sync)
+
     status = sub.add_parser("status", help="latest runs, progress and failed items")
     status.add_argument("job", nargs="?", choices=JOBS)
     status.add_argument("--key", "--date", dest="key", help="one run key (date)")
@@ -147,6 +165,7 @@ def cmd_run_daily_sync(args: argparse.Namespace) -> int:
     settings.positive("--max-items", args.max_items, allow_none=True)
     if args.tickers_file and not Path(args.tickers_file).is_file():
         raise ConfigError(f"tickers file not found: {args.tickers_file}")
+    settings.market_api()  # validates MARKET_API_* before Prefect starts
     return _run_flow(
         "flows.daily_sync:daily_sync",
         {
@@ -173,6 +192,7 @@ def cmd_run_fill_cache(args: argparse.Namespace) -> int:
         raise ConfigError("--ticker-source custom needs --tickers A,B,...")
     if tickers and args.ticker_source != "custom":
         raise ConfigError("--tickers goes with --ticker-source custom")
+    settings.market_api()
     return _run_flow(
         "flows.fill_cache:fill_cache",
         {
@@ -188,13 +208,36 @@ def cmd_run_fill_cache(args: argparse.Namespace) -> int:
     )
 
 
+def cmd_run_document_sync(args: argparse.Namespace) -> int:
+    from syncpoint import settings
+
+    if args.resume_all and not args.all:
+        raise ConfigError("--resume-all goes with --all (use --resume with --entity)")
+    if args.resume and args.all:
+        raise ConfigError("use --resume-all with --all")
+    for value in (args.end, args.since):
+        if value:
+            settings.run_date(value)
+    settings.dip_api()  # validates DIP_API_* before Prefect starts
+    return _run_flow(
+        "flows.document_sync:document_sync",
+        {
+            "entity": args.entity,
+            "all_entities": args.all,
+            "resume": args.resume or args.resume_all,
+            "end": args.end,
+            "since": args.since,
+        },
+        args.json,
+    )
+
+
 def _run_flow(entrypoint: str, parameters: dict[str, Any], as_json: bool) -> int:
     """Validate the environment, then run the flow in this process and report it."""
     import importlib
 
     from syncpoint import settings
 
-    settings.market_api()  # validates MARKET_API_* before Prefect starts
     settings.database().engine()  # a bad or unwritable database fails here, in a line
     _quiet_prefect()
     module, name = entrypoint.split(":")
@@ -259,6 +302,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         runs = ledger.runs(args.job, limit=args.limit)
     if args.job in BATCH_JOBS:
         return _batch_job_status(ledger, runs, args)
+    if args.job in STREAM_JOBS:
+        return _stream_status(ledger, args)
     if args.json:
         out: list[dict[str, Any]] = [
             {"error": str(r)} if isinstance(r, CheckpointError) else run_status(ledger, r)
@@ -296,6 +341,28 @@ def _batch_job_status(ledger: Any, runs: list[Any], args: argparse.Namespace) ->
     )
     print(f"    batches      {b['completed']}/{b['total']} completed, {b['remaining']} remaining")
     print(f"    {status['message']}")
+    return EXIT_OK
+
+
+def _stream_status(ledger: Any, args: argparse.Namespace) -> int:
+    """Each entity's checkpoint: status, window, cursor, records, watermark."""
+    from syncpoint.report import stream_status
+
+    rows = [stream_status(r) for r in ledger.runs(args.job, limit=1000)]
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return EXIT_OK
+    if not rows:
+        print(f"No {args.job} checkpoints yet.")
+    for row in sorted(rows, key=lambda r: str(r.get("entity"))):
+        if "error" in row:
+            print(f"! {row['error']}")
+            continue
+        print(
+            f"{row['entity']:<22}{row['status']:<10}{row['records']:>7} records this window, "
+            f"{row['total_records']:>7} in all; updated {row['window']}; "
+            f"{'cursor saved' if row['cursor'] else 'no cursor'}; next from {row['watermark']}"
+        )
     return EXIT_OK
 
 

@@ -11,6 +11,8 @@ from syncpoint.errors import CheckpointError
 
 
 def summary_text(summary: dict[str, Any]) -> str:
+    if "entities" in summary:
+        return entities_text(summary)
     job, key = summary["job"], summary["run_key"]
     if summary.get("already_complete"):
         return (
@@ -167,4 +169,47 @@ def batch_job_status(ledger: Ledger, run: Run, stage: str) -> dict[str, Any]:
             "remaining": remaining,
         },
         "message": message,
+    }
+
+
+def entities_text(summary: dict[str, Any]) -> str:
+    """A run over several checkpoints (one per entity)."""
+    lines = [
+        f"{summary['job']}: {summary['status'].upper()}, {summary['requests']} API requests, "
+        f"{summary['rows_written']} records written",
+        "",
+    ]
+    for e in summary["entities"]:
+        if "stream" not in e:
+            lines.append(f"  {e['entity']:<22}{e['status']:<10}{e.get('error') or ''}")
+            continue
+        s = e["stream"]
+        note = f"  ({e['incomplete']})" if e.get("incomplete") else ""
+        lines.append(
+            f"  {e['entity']:<22}{e['status']:<10}{e['recovery']:<19}"
+            f"{s['records']:>7} records, {s['pages']} pages, {s['checkpoints']} checkpoints"
+            f"{note}"
+        )
+    if summary["status"] != "completed":
+        lines += ["", "Run it again to continue (--resume continues a stream from its cursor)."]
+    return "\n".join(lines)
+
+
+def stream_status(run: Run | CheckpointError) -> dict[str, Any]:
+    if isinstance(run, CheckpointError):
+        return {"error": str(run)}
+    s = run.state.stream or {}
+    return {
+        "entity": run.run_key,
+        "status": run.status.value,
+        "run_id": run.run_id,
+        "updated_at": run.updated_at.isoformat(),
+        "window": f"{s.get('window_start') or 'ever'} .. {s.get('window_end')}",
+        "cursor": s.get("cursor"),
+        "finished": s.get("finished"),
+        "records": s.get("records", 0),
+        "total_records": s.get("total_records", 0),
+        "newest": s.get("newest"),
+        "watermark": s.get("watermark") or "the beginning",
+        "loop_guard": s.get("guard"),
     }

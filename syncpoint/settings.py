@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import cast
+from typing import TypeVar, cast
 
 from pydantic import SecretStr
 
 from blocks.checkpoint import CheckpointStore
+from blocks.dip_api import DipApi
 from blocks.market_api import MarketApi
 from syncpoint.checkpoint import STALE_AFTER_SECONDS
 from syncpoint.db import Database
@@ -122,20 +123,26 @@ def checkpoint_store(block_name: str | None = None) -> CheckpointStore:
     )
 
 
-def market_api(block_name: str | None = None, concurrency: int | None = None) -> MarketApi | None:
-    """The configured market API, or None when the built-in one should be used."""
+ApiBlock = TypeVar("ApiBlock", bound=MarketApi)
+
+
+def http_api(
+    kind: type[ApiBlock], env_prefix: str, block_name: str | None, concurrency: int | None
+) -> ApiBlock | None:
+    """An HTTP API's settings from a block or <env_prefix>_URL/_KEY/_RATE_LIMIT/...;
+    None when the URL is unset and the built-in API should be used."""
     if block_name:
-        api = cast(MarketApi, MarketApi.load(block_name))
+        api = cast(ApiBlock, kind.load(block_name))
     else:
-        url = os.environ.get("MARKET_API_URL")
+        url = os.environ.get(f"{env_prefix}_URL")
         if not url:
             return None
-        key = os.environ.get("MARKET_API_KEY")
-        api = MarketApi(
+        key = os.environ.get(f"{env_prefix}_KEY")
+        api = kind(
             base_url=url.rstrip("/"),
             api_key=SecretStr(key) if key else None,
-            requests_per_minute=env_float("MARKET_API_RATE_LIMIT"),
-            global_rate_limit=os.environ.get("MARKET_API_GLOBAL_RATE_LIMIT") or None,
+            requests_per_minute=env_float(f"{env_prefix}_RATE_LIMIT"),
+            global_rate_limit=os.environ.get(f"{env_prefix}_GLOBAL_RATE_LIMIT") or None,
             concurrency=env_int("SYNC_CONCURRENCY", 16),
         )
     if concurrency is not None:
@@ -143,19 +150,38 @@ def market_api(block_name: str | None = None, concurrency: int | None = None) ->
     return api
 
 
-@contextmanager
-def market_api_session(
-    block_name: str | None = None, concurrency: int | None = None
-) -> Iterator[tuple[MarketApi, bool]]:
-    """The market API for a run, starting the built-in one on loopback if none is set.
+def market_api(block_name: str | None = None, concurrency: int | None = None) -> MarketApi | None:
+    """The configured market API (MARKET_API_*), or None for the built-in one."""
+    return http_api(MarketApi, "MARKET_API", block_name, concurrency)
 
-    Yields (api, built_in).
+
+def dip_api(block_name: str | None = None) -> DipApi | None:
+    """The configured documents API (DIP_API_*), or None for the built-in one."""
+    return http_api(DipApi, "DIP_API", block_name, None)
+
+
+@contextmanager
+def api_session(
+    kind: type[ApiBlock], configured: ApiBlock | None, concurrency: int | None = None
+) -> Iterator[tuple[ApiBlock, bool]]:
+    """The API for a run, starting the built-in one on loopback if none is configured.
+
+    Yields (api, built_in). The built-in simulator serves the market and DIP endpoints.
     """
-    api = market_api(block_name, concurrency)
-    if api is not None:
-        yield api, False
+    if configured is not None:
+        yield configured, False
         return
     from simulator import MarketSimulator
 
     with MarketSimulator() as sim:
-        yield MarketApi(base_url=sim.base_url, concurrency=concurrency or 16), True
+        yield kind(base_url=sim.base_url, concurrency=concurrency or 16), True
+
+
+def market_api_session(
+    block_name: str | None = None, concurrency: int | None = None
+) -> AbstractContextManager[tuple[MarketApi, bool]]:
+    return api_session(MarketApi, market_api(block_name, concurrency), concurrency)
+
+
+def dip_api_session(block_name: str | None = None) -> AbstractContextManager[tuple[DipApi, bool]]:
+    return api_session(DipApi, dip_api(block_name))

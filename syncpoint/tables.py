@@ -65,6 +65,21 @@ sync_logs = Table(
     Index("idx_sync_logs_completed_at", "completed_at"),
 )
 
+# Documents of a DIP-style API (seeds 003/004), one row per (entity, id): a record updated
+# upstream is updated here, never duplicated.
+dip_documents = Table(
+    "dip_documents",
+    metadata,
+    Column("entity", String(32), primary_key=True),
+    Column("id", String(64), primary_key=True),
+    Column("aktualisiert", DateTime(timezone=True), nullable=False),
+    Column("datum", Date),
+    Column("titel", Text),
+    Column("payload", JSON, nullable=False),
+    Column("synced_at", DateTime(timezone=True), nullable=False),
+    Index("idx_dip_documents_aktualisiert", "entity", "aktualisiert"),
+)
+
 # --- checkpoint ledger ------------------------------------------------------------------
 
 # One row per run attempt-chain: (job, run_key) resumes the newest unfinished one.

@@ -26,6 +26,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 from prefect.futures import PrefectFuture
+from sqlalchemy import Connection
 
 from syncpoint.checkpoint import ErrorKind, ItemOutcome, Ledger, PendingItem, StageCounts
 from syncpoint.db import Database, storage_errors
@@ -136,15 +137,33 @@ def store_batch(data: Database, checkpoints: Database, table: str, outcome: Batc
     """Upsert the batch's rows, then mark its items: data first, marks after."""
     ledger = Ledger(checkpoints.engine())
     batch = outcome.batch
+    return write_then_checkpoint(
+        data,
+        checkpoints,
+        table,
+        outcome.rows,
+        lambda conn: ledger.mark(conn, batch.run_id, batch.stage, outcome.outcomes, batch.number),
+    )
+
+
+def write_then_checkpoint(
+    data: Database,
+    checkpoints: Database,
+    table: str,
+    rows: list[dict[str, Any]],
+    checkpoint: Callable[[Connection], None],
+) -> int:
+    """Upsert `rows`, then record progress with `checkpoint`: one transaction when data
+    and checkpoints share a database, else data first, so progress never runs ahead."""
     if data.same_as(checkpoints):
         with storage_errors(data.describe()), data.engine().begin() as conn:
-            written = upsert(conn, table, outcome.rows)
-            ledger.mark(conn, batch.run_id, batch.stage, outcome.outcomes, batch.number)
+            written = upsert(conn, table, rows)
+            checkpoint(conn)
         return written
     with storage_errors(data.describe()), data.engine().begin() as conn:
-        written = upsert(conn, table, outcome.rows)
+        written = upsert(conn, table, rows)
     with storage_errors(checkpoints.describe()), checkpoints.engine().begin() as conn:
-        ledger.mark(conn, batch.run_id, batch.stage, outcome.outcomes, batch.number)
+        checkpoint(conn)
     return written
 
 

@@ -84,6 +84,7 @@ class JobRun:
         logger: logging.Logger | logging.LoggerAdapter[logging.Logger],
         resume_hint: str,
         reopen: bool = False,
+        stop: StopFlag | None = None,
     ) -> None:
         self.job, self.run_key, self.data, self.logger = job, run_key, data, logger
         self.resume_hint = resume_hint
@@ -107,7 +108,9 @@ class JobRun:
             reopen=reopen,
         )
         self.run, self.resumed = claim.run, claim.resumed
-        self.stop = StopFlag()
+        # A caller that runs several JobRuns (one per entity) owns the signals and the flag.
+        self._owns_signals = stop is None
+        self.stop = stop if stop is not None else StopFlag()
         self.page = RunPage(job, run_key, stages, logger)
         self.reports: list[StageReport] = []
         self.started = time.monotonic()
@@ -139,7 +142,8 @@ class JobRun:
             )
             heartbeat.start()
             self._exit.callback(heartbeat.close)
-            self._exit.enter_context(graceful_stop(self.stop, self.resume_hint))
+            if self._owns_signals:
+                self._exit.enter_context(graceful_stop(self.stop, self.resume_hint))
         return self
 
     def __exit__(
@@ -268,17 +272,24 @@ class JobRun:
 
     # --- ending -----------------------------------------------------------------------
 
-    def finish(self) -> dict[str, Any]:
-        """Record the run's status; returns the summary, or raises RunFailed."""
+    def finish(self, incomplete: str | None = None) -> dict[str, Any]:
+        """Record the run's status; returns the summary, or raises RunFailed.
+
+        `incomplete` says why work is left that the item ledger cannot see (a stream
+        ended early): the run is then partial.
+        """
         failed = [r for r in self.reports if r.status == "failed"]
         pending = sum(c.pending for c in self.ledger.counts(self.run_id).values())
         if failed:
             status = RunStatus.FAILED
-        elif pending or self.stop.requested:
+        elif pending or self.stop.requested or incomplete:
             status = RunStatus.PARTIAL
         else:
             status = RunStatus.COMPLETED
-        summary = self.publish(self.summary(status))
+        summary = self.summary(status)
+        if incomplete:
+            summary["incomplete"] = incomplete
+        summary = self.publish(summary)
         if not self.ledger.heartbeat(self.run_id, self.owner):
             # Taken over as stale while we worked: the new holder owns the status now.
             self.logger.warning("%s %s belongs to another process now", self.job, self.run_key)

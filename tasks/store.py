@@ -14,10 +14,10 @@ import pandas as pd
 from sqlalchemy import Connection, Table, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 
-from syncpoint.tables import dcf_valuations, stock_prices
+from syncpoint.tables import dcf_valuations, dip_documents, stock_prices
 
 # Which tables a batch may write, by the name a source declares.
-TABLES: dict[str, Table] = {t.name: t for t in (stock_prices, dcf_valuations)}
+TABLES: dict[str, Table] = {t.name: t for t in (stock_prices, dcf_valuations, dip_documents)}
 
 # SQLite caps bound variables per statement (32766 in 3.32+); stay well under it.
 _SQLITE_MAX_VARS = 30000

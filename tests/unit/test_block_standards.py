@@ -6,10 +6,10 @@ import pytest
 from prefect.blocks.core import Block
 from prefect.testing.standard_test_suites import BlockStandardTestSuite
 
-from blocks import CheckpointStore, MarketApi
+from blocks import CheckpointStore, DipApi, MarketApi
 
 
-@pytest.mark.parametrize("block", [CheckpointStore, MarketApi])
+@pytest.mark.parametrize("block", [CheckpointStore, DipApi, MarketApi])
 class TestBlockStandards(BlockStandardTestSuite):
     @pytest.fixture
     def block(self, block: type[Block]) -> type[Block]:  # type: ignore[override]
