@@ -25,6 +25,10 @@ def parse_args(argv: list[str] | None = None) -> SimulatorConfig:
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--as-of", type=date.fromisoformat, default=None)
     parser.add_argument("--stock-list-size", type=int, default=defaults.stock_list_size)
+    parser.add_argument(
+        "--dip-records-per-entity", type=int, default=defaults.dip_records_per_entity
+    )
+    parser.add_argument("--dip-page-size", type=int, default=defaults.dip_page_size)
     return SimulatorConfig(**vars(parser.parse_args(argv)))
 
 

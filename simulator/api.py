@@ -1,4 +1,5 @@
-"""The FMP "stable" API surface: routing, auth, rate limits and faults, HTTP-free.
+"""The FMP "stable" API surface (plus the DIP documents API under ``/api/v1/``): routing,
+auth, rate limits and faults, HTTP-free.
 
 Each request becomes a ``Response`` value; the HTTP layer only writes it out.
 """
@@ -16,6 +17,10 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from simulator.config import SimulatorConfig
+from simulator.dip import ENDPOINT_PREFIX as DIP_ENDPOINT_PREFIX
+from simulator.dip import ENTITIES as DIP_ENTITIES
+from simulator.dip import VALUE_FIELDS as DIP_VALUE_FIELDS
+from simulator.dip import DipData, DipRequestError
 from simulator.faults import ERROR_STATUS, PAYLOAD_FAULTS, Fault, FaultBook, FaultKind, corrupt
 from simulator.market_data import MarketData, dcf_entry
 from simulator.rate_limit import TokenBucket
@@ -23,6 +28,7 @@ from simulator.stats import RequestStats
 
 JSON_TYPE = "application/json;charset=UTF-8"
 _PREFIX = "/stable/"
+_DIP_PREFIX = "/api/v1/"
 _SYMBOL_ENDPOINTS = frozenset({"historical-price-eod/full", "discounted-cash-flow"})
 # The fields a payload fault damages, per endpoint.
 _VALUE_FIELDS: dict[str, tuple[str, ...]] = {
@@ -76,9 +82,12 @@ def rate_limited(seconds: float, round_up: bool = False) -> Response:
 
 
 class MarketApi:
-    def __init__(self, config: SimulatorConfig, data: MarketData) -> None:
+    def __init__(
+        self, config: SimulatorConfig, data: MarketData, dip: DipData | None = None
+    ) -> None:
         self.config = config
         self.data = data
+        self.dip = dip if dip is not None else new_dip_data(config)
         self.faults = FaultBook()
         self.stats = RequestStats()
         self._limiter = (
@@ -93,10 +102,7 @@ class MarketApi:
         if url.path.startswith("/_sim/"):
             return self._control(url.path)
         query = {k: v[0] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
-        endpoint = url.path.removeprefix(_PREFIX) if url.path.startswith(_PREFIX) else None
-        if endpoint not in _VALUE_FIELDS:
-            endpoint = None
-        symbol = (query.get("symbol") or None) if endpoint in _SYMBOL_ENDPOINTS else None
+        endpoint, symbol = self._route(url.path, query)
         self.stats.record_request(endpoint, symbol)
         response = self._answer(endpoint, symbol, query)
         if response.reset:
@@ -104,6 +110,22 @@ class MarketApi:
         else:
             self.stats.record_response(response.status)
         return response
+
+    @staticmethod
+    def _route(path: str, query: dict[str, str]) -> tuple[str | None, str | None]:
+        """(endpoint, symbol); None for an unknown path. A DIP endpoint is "dip/<entity>"
+        and its entity stands in for the symbol: faults and counters are keyed by it.
+        """
+        if path.startswith(_DIP_PREFIX):
+            entity = path.removeprefix(_DIP_PREFIX)
+            if entity in DIP_ENTITIES:
+                return DIP_ENDPOINT_PREFIX + entity, entity
+            return None, None
+        endpoint = path.removeprefix(_PREFIX) if path.startswith(_PREFIX) else None
+        if endpoint not in _VALUE_FIELDS:
+            return None, None
+        symbol = (query.get("symbol") or None) if endpoint in _SYMBOL_ENDPOINTS else None
+        return endpoint, symbol
 
     def _control(self, path: str) -> Response:
         if path == "/_sim/stats":
@@ -125,9 +147,12 @@ class MarketApi:
             return error_response(400, "Missing required parameter: symbol")
         if symbol_fault is not None and (early := self._early_fault(symbol_fault)) is not None:
             return early
+        faults = [f for f in (global_fault, symbol_fault) if f is not None]
+        if endpoint.startswith(DIP_ENDPOINT_PREFIX):
+            assert symbol is not None
+            return self._dip_payload(symbol, query, faults)
         if symbol is not None and not self.data.is_known(symbol):
             return error_response(404, f"Unknown symbol {symbol}")
-        faults = [f for f in (global_fault, symbol_fault) if f is not None]
         return self._payload(endpoint, symbol, query, faults)
 
     def _gatekeep(self, query: dict[str, str]) -> Response | None:
@@ -196,6 +221,22 @@ class MarketApi:
             return Response(200, cached)
         return json_response(200, payload)
 
+    def _dip_payload(self, entity: str, query: dict[str, str], faults: list[Fault]) -> Response:
+        try:
+            page = self.dip.page(entity, query, self.config.dip_page_size)
+        except DipRequestError as exc:
+            return error_response(400, str(exc))
+        documents: list[dict[str, Any]] = page.documents
+        for fault in faults:
+            if fault.kind is FaultKind.WRONG_SHAPE:
+                # The bare documents list, without the numFound/cursor envelope.
+                return json_response(200, documents)
+            if fault.kind in PAYLOAD_FAULTS:
+                corrupted = corrupt(fault.kind, documents, DIP_VALUE_FIELDS)
+                assert isinstance(corrupted, list)
+                documents = corrupted
+        return json_response(200, page.payload() | {"documents": documents})
+
     def _today(self) -> date:
         return self.config.as_of or date.today()
 
@@ -207,6 +248,10 @@ class MarketApi:
             return end.replace(year=end.year - 5), end
         except ValueError:  # 29 February
             return end.replace(year=end.year - 5, day=28), end
+
+
+def new_dip_data(config: SimulatorConfig) -> DipData:
+    return DipData(config.seed, config.as_of or date.today(), config.dip_records_per_entity)
 
 
 def _parse_date(value: str, name: str) -> date:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import date
 
+from simulator.dip import MAX_RECORDS_PER_ENTITY
 from simulator.market_data import DEFAULT_STOCK_LIST_SIZE, SP500_SIZE
 
 
@@ -25,6 +26,10 @@ class SimulatorConfig:
     seed: int = 0
     as_of: date | None = None
     stock_list_size: int = DEFAULT_STOCK_LIST_SIZE
+    # The DIP documents API (/api/v1/{entity}): records per entity, and the page size (read
+    # per request).
+    dip_records_per_entity: int = 250
+    dip_page_size: int = 100
 
     def __post_init__(self) -> None:
         for name in ("error_rate", "rate_limit_error_rate"):
@@ -37,3 +42,7 @@ class SimulatorConfig:
             raise ValueError("rate_limit_per_minute must be positive or None")
         if self.stock_list_size < SP500_SIZE:
             raise ValueError(f"stock_list_size must be >= {SP500_SIZE}")
+        if not 0 <= self.dip_records_per_entity <= MAX_RECORDS_PER_ENTITY:
+            raise ValueError(f"dip_records_per_entity must be within [0, {MAX_RECORDS_PER_ENTITY}]")
+        if self.dip_page_size < 1:
+            raise ValueError("dip_page_size must be >= 1")

@@ -10,12 +10,14 @@ import struct
 import sys
 import threading
 from collections.abc import Callable
+from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType, TracebackType
 from typing import Any
 
-from simulator.api import MarketApi
+from simulator.api import MarketApi, new_dip_data
 from simulator.config import SimulatorConfig
+from simulator.dip import DipData
 from simulator.faults import Fault, FaultKind
 from simulator.market_data import MarketData
 
@@ -105,12 +107,15 @@ class _HTTPServer(ThreadingHTTPServer):
 
 
 class MarketSimulator:
-    """An FMP-style market API on loopback, with injectable faults and request counters."""
+    """An FMP-style market API on loopback, with injectable faults and request counters; the
+    same server also answers the DIP documents API under ``/api/v1/{entity}``.
+    """
 
     def __init__(self, config: SimulatorConfig | None = None) -> None:
         self.config = config if config is not None else SimulatorConfig()
         self.data = MarketData(self.config.stock_list_size)
-        self._api = MarketApi(self.config, self.data)
+        self.dip: DipData = new_dip_data(self.config)
+        self._api = MarketApi(self.config, self.data, self.dip)
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
         self._serving = threading.Event()
@@ -192,7 +197,8 @@ class MarketSimulator:
     # -- faults ----------------------------------------------------------------------------
 
     def set_fault(self, symbol: str, kind: FaultKind | str, **opts: Any) -> None:
-        """Arm a fault for every request naming ``symbol``; replaces its previous fault.
+        """Arm a fault for every request naming ``symbol``; replaces its previous fault. A DIP
+        entity name ("drucksache") arms it for every request to that entity.
 
         Options: ``seconds`` (slow), ``failures`` (flaky), ``retry_after`` (rate_limited).
         """
@@ -209,9 +215,41 @@ class MarketSimulator:
         self._api.faults.set_global(None)
 
     def clear_faults(self) -> None:
-        """Disarm everything: every symbol's fault and the global one."""
+        """Disarm everything: every symbol's fault, the global one and stuck DIP cursors."""
         self._api.faults.clear()
         self._api.faults.set_global(None)
+        self.dip.clear_stuck()
+
+    # -- DIP documents API -----------------------------------------------------------------
+
+    def dip_update(
+        self,
+        entity: str,
+        ids: list[str] | None = None,
+        count: int | None = None,
+        at: datetime | None = None,
+    ) -> list[str]:
+        """An upstream edit: the records ``ids`` (or ``count`` deterministically picked ones)
+        get ``aktualisiert`` = ``at`` (default: now, UTC, and later than every existing
+        value; naive means UTC) and a " (geändert N)" title suffix. Returns the changed ids.
+        """
+        return self.dip.update(entity, ids=ids, count=count, at=at)
+
+    def dip_add(self, entity: str, count: int = 1, at: datetime | None = None) -> list[str]:
+        """Upstream adds ``count`` records with ``aktualisiert`` = ``at`` (default as for
+        dip_update). Returns the new ids.
+        """
+        return self.dip.add(entity, count, at=at)
+
+    def dip_records(self, entity: str) -> list[dict[str, Any]]:
+        """The entity's current records, in API order ((aktualisiert, id) ascending)."""
+        return self.dip.records(entity)
+
+    def dip_set_stuck_cursor(self, entity: str, on: bool) -> None:
+        """A broken upstream: every request with a cursor gets the second page and the
+        first page's cursor, forever. clear_faults() turns it off too.
+        """
+        self.dip.set_stuck(entity, on)
 
     # -- stats -----------------------------------------------------------------------------
 
@@ -223,7 +261,7 @@ class MarketSimulator:
 
     def requests_for(self, symbol: str, endpoint: str | None = None) -> int:
         """Requests naming ``symbol``, optionally only those to ``endpoint`` (e.g.
-        "historical-price-eod/full").
+        "historical-price-eod/full"). DIP: requests_for("drucksache", "dip/drucksache").
         """
         return self._api.stats.requests_for(symbol, endpoint)
 

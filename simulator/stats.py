@@ -6,12 +6,16 @@ import threading
 from collections import Counter
 from typing import Any
 
+from simulator.dip import ENDPOINT_PREFIX, ENTITIES
+
 ENDPOINTS = (
     "historical-price-eod/full",
     "discounted-cash-flow",
     "sp500-constituent",
     "stock-list",
 )
+# "dip/<entity>": counted with the entity as the "symbol", the key its faults are armed by.
+DIP_ENDPOINTS = tuple(ENDPOINT_PREFIX + entity for entity in ENTITIES)
 
 
 class RequestStats:
@@ -49,7 +53,10 @@ class RequestStats:
         with self._lock:
             return {
                 "requests": self._requests,
-                "by_endpoint": {e: self._by_endpoint[e] for e in ENDPOINTS},
+                # The market endpoints always; DIP ones only once asked for, so a market-only
+                # snapshot keeps its shape.
+                "by_endpoint": {e: self._by_endpoint[e] for e in ENDPOINTS}
+                | {e: n for e in DIP_ENDPOINTS if (n := self._by_endpoint[e])},
                 "by_symbol": dict(sorted(self._by_symbol.items())),
                 "responses": dict(sorted(self._responses.items())),
                 # A reset connection got no status code, so it is counted apart.
@@ -60,6 +67,8 @@ class RequestStats:
         with self._lock:
             if endpoint is None:
                 return self._by_symbol[symbol]
-            if endpoint not in ENDPOINTS:
-                raise ValueError(f"unknown endpoint {endpoint!r}; expected one of {ENDPOINTS}")
+            if endpoint not in ENDPOINTS and endpoint not in DIP_ENDPOINTS:
+                raise ValueError(
+                    f"unknown endpoint {endpoint!r}; expected one of {ENDPOINTS + DIP_ENDPOINTS}"
+                )
             return self._by_endpoint_symbol[endpoint, symbol]
