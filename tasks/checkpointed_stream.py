@@ -43,6 +43,7 @@ class StreamPosition:
     watermark: str | None = None  # end of the last completed window: the next start
     total_records: int = 0
     guard: str | None = None  # why the loop guard ended the window, if it did
+    rejected: int = 0  # records in this window that were not usable
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> StreamPosition:
@@ -51,7 +52,7 @@ class StreamPosition:
         if unknown or not isinstance(data.get("window_end"), str):
             raise ValueError(f"stream position has unknown or missing fields {sorted(unknown)}")
         position = cls(**data)
-        for name in ("records", "pages", "checkpoints", "total_records"):
+        for name in ("records", "pages", "checkpoints", "total_records", "rejected"):
             if not isinstance(getattr(position, name), int) or getattr(position, name) < 0:
                 raise ValueError(f"stream position {name} is not a count")
         return position
@@ -131,6 +132,7 @@ def stream(
                 position.cursor,
                 frozenset(seen),
                 last_ids,
+                position.records + position.rejected,
                 max_records,
                 max_seconds,
                 stop,
@@ -141,6 +143,7 @@ def stream(
         position.cursor = segment.cursor
         position.pages += segment.pages
         position.records += len(segment.rows)
+        position.rejected += segment.rejected
         position.total_records += len(segment.rows)
         position.checkpoints += 1
         newest = max((r["aktualisiert"] for r in segment.rows), default=None)

@@ -67,6 +67,7 @@ async def fetch_segment(
     cursor: str | None,
     seen: frozenset[str],
     previous_ids: list[str],
+    received_before: int,
     max_records: int,
     max_seconds: float,
     stop: StopFlag,
@@ -100,7 +101,12 @@ async def fetch_segment(
                         )
             segment.last_ids = ids
             if following == (sent or FIRST_CURSOR):
-                segment.done = True
+                received = received_before + len(segment.rows) + segment.rejected
+                if num_found is not None and received < num_found:
+                    # The end came early: a cursor that stopped advancing looks like this.
+                    segment.stuck = f"the stream ended after {received} of {num_found} records"
+                else:
+                    segment.done = True
             elif following in seen or following in segment.cursors:
                 segment.stuck = f"the API repeated cursor {following[:40]!r}"
             else:
