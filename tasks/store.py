@@ -11,13 +11,16 @@ from datetime import date, timedelta
 from typing import Any, cast
 
 import pandas as pd
-from sqlalchemy import Connection, Table, func, select
+from sqlalchemy import JSON, Connection, Table, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from syncpoint.tables import dcf_valuations, dip_documents, stock_prices
 
 # Which tables a batch may write, by the name a source declares.
 TABLES: dict[str, Table] = {t.name: t for t in (stock_prices, dcf_valuations, dip_documents)}
+
+# From this many rows a PostgreSQL upsert goes through COPY (see _copy_upsert).
+COPY_FROM_ROWS = 1000
 
 # SQLite caps bound variables per statement (32766 in 3.32+); stay well under it.
 _SQLITE_MAX_VARS = 30000
@@ -44,7 +47,9 @@ def upsert(conn: Connection, table_name: str, rows: Sequence[dict[str, Any]]) ->
     )
     keys = [c.name for c in table.primary_key.columns]
     dialect = conn.dialect.name
-    if dialect == "postgresql":
+    if dialect == "postgresql" and len(records) >= COPY_FROM_ROWS and _copyable(table):
+        _copy_upsert(conn, table, [str(c) for c in frame.columns], keys, records)
+    elif dialect == "postgresql":
         pg = postgresql.insert(table)
         stmt = pg.on_conflict_do_update(
             index_elements=keys,
@@ -65,6 +70,41 @@ def upsert(conn: Connection, table_name: str, rows: Sequence[dict[str, Any]]) ->
     else:  # pragma: no cover - Database.from_url refuses other backends
         raise ValueError(f"no upsert for {dialect}")
     return len(records)
+
+
+def _copyable(table: Table) -> bool:
+    # COPY's text format has no adapter for JSON documents; those go the INSERT way.
+    return not any(isinstance(c.type, JSON) for c in table.columns)
+
+
+def _copy_upsert(
+    conn: Connection,
+    table: Table,
+    columns: list[str],
+    keys: list[str],
+    records: list[dict[str, Any]],
+) -> None:
+    """PostgreSQL bulk upsert: COPY into a temporary table, then one INSERT ... SELECT
+    ... ON CONFLICT DO UPDATE. Several times faster than multi-row INSERTs for big
+    batches (a backfill's 5 tickers x 5 years), in the caller's transaction."""
+    stage = f"_syncpoint_stage_{table.name}"
+    names = ", ".join(f'"{c}"' for c in columns)
+    updates = ", ".join(f'"{c}" = EXCLUDED."{c}"' for c in columns if c not in keys)
+    conflict = ", ".join(f'"{k}"' for k in keys)
+    driver = conn.connection.driver_connection
+    with driver.cursor() as cur:  # type: ignore[union-attr]
+        cur.execute(
+            f'CREATE TEMP TABLE IF NOT EXISTS "{stage}" '
+            f'(LIKE "{table.name}" INCLUDING DEFAULTS) ON COMMIT DROP'
+        )
+        cur.execute(f'TRUNCATE "{stage}"')  # an earlier chunk of this transaction
+        with cur.copy(f'COPY "{stage}" ({names}) FROM STDIN') as copy:
+            for record in records:
+                copy.write_row([record[c] for c in columns])
+        cur.execute(
+            f'INSERT INTO "{table.name}" ({names}) SELECT {names} FROM "{stage}" '
+            f"ON CONFLICT ({conflict}) DO UPDATE SET {updates}"
+        )
 
 
 # A range counts as cached when the stored history reaches within this many days of both
