@@ -9,11 +9,11 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any, cast
 
-from prefect import flow, get_run_logger
+from prefect import get_run_logger
 
 from syncpoint import settings
 from tasks.checkpointed_map import StageRun
-from tasks.job_run import JobRun
+from tasks.job_run import JobRun, job_flow
 from tasks.market_api import PricesSource, ValuationsSource
 from tasks.universe import Universe, resolve_universe
 
@@ -21,17 +21,8 @@ JOB = "daily-sync"
 STAGES = ("universe", "prices", "valuations")
 
 
-RETRIES, RETRY_DELAY_SECONDS = settings.flow_retries()
-
-
 # A retry (automatic, from the dashboard or `prefect flow-run retry`) resumes the run.
-@flow(
-    name=JOB,
-    retries=RETRIES,
-    retry_delay_seconds=RETRY_DELAY_SECONDS,
-    log_prints=False,
-    validate_parameters=True,
-)
+@job_flow(JOB)
 def daily_sync(
     run_date: str | None = None,
     tickers_file: str | None = None,

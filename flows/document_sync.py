@@ -12,26 +12,19 @@ from __future__ import annotations
 from datetime import UTC, datetime, time
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import get_run_logger
 
 from syncpoint import settings
 from syncpoint.errors import CheckpointError, ConfigError
 from syncpoint.interrupts import StopFlag, graceful_stop
 from tasks.checkpointed_stream import now_iso, run_stream
 from tasks.documents import ENTITIES
-from tasks.job_run import JobRun, RunFailed
+from tasks.job_run import JobRun, RunFailed, job_flow
 
 JOB = "document-sync"
-RETRIES, RETRY_DELAY_SECONDS = settings.flow_retries()
 
 
-@flow(
-    name=JOB,
-    retries=RETRIES,
-    retry_delay_seconds=RETRY_DELAY_SECONDS,
-    log_prints=False,
-    validate_parameters=True,
-)
+@job_flow(JOB)
 def document_sync(
     entity: str | None = None,
     all_entities: bool = False,

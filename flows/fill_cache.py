@@ -12,29 +12,22 @@ import hashlib
 from datetime import date
 from typing import Any, cast
 
-from prefect import flow, get_run_logger
+from prefect import get_run_logger
 
 from blocks.market_api import MarketApi
 from syncpoint import settings
 from syncpoint.errors import ConfigError
 from tasks.checkpointed_map import StageRun
-from tasks.job_run import JobRun
+from tasks.job_run import JobRun, job_flow
 from tasks.market_api import PricesSource
 from tasks.store import cached_tickers
 from tasks.universe import Universe, resolve_universe
 
 JOB = "fill-cache"
 STAGES = ("universe", "history")
-RETRIES, RETRY_DELAY_SECONDS = settings.flow_retries()
 
 
-@flow(
-    name=JOB,
-    retries=RETRIES,
-    retry_delay_seconds=RETRY_DELAY_SECONDS,
-    log_prints=False,
-    validate_parameters=True,
-)
+@job_flow(JOB)
 def fill_cache(
     ticker_source: str = "sp500",
     tickers: list[str] | None = None,

@@ -13,11 +13,13 @@ from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
+from prefect import Flow, flow
 from sqlalchemy.exc import SQLAlchemyError
 
 from blocks.checkpoint import CheckpointStore
+from syncpoint import settings
 from syncpoint.checkpoint import (
     ErrorKind,
     ItemOutcome,
@@ -36,8 +38,28 @@ from syncpoint.run_page import RunPage
 from syncpoint.sync_log import StageLog
 from tasks.checkpointed_map import Progress, Source, StageRun, map_batches
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
 FAILURES_SHOWN = 20
 FAILED_ROWS_SHOWN = 200  # on the run page
+
+
+def job_flow(name: str) -> Callable[[Callable[P, R]], Flow[P, R]]:
+    """The Prefect flow decorator every syncpoint job uses.
+
+    Deployment runs retry the whole flow (SYNCPOINT_FLOW_RETRIES, default 2, every
+    SYNCPOINT_FLOW_RETRY_DELAY_SECONDS); a retry resumes from the checkpoint. Read when
+    the flow's module is imported, i.e. in the worker's process.
+    """
+    retries, delay = settings.flow_retries()
+    return flow(
+        name=name,
+        retries=retries,
+        retry_delay_seconds=delay,
+        log_prints=False,
+        validate_parameters=True,
+    )
 
 
 class RunFailed(SyncError):
