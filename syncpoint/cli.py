@@ -13,7 +13,6 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from syncpoint.errors import CheckpointError, ConfigError, SyncError
@@ -163,8 +162,10 @@ def cmd_run_daily_sync(args: argparse.Namespace) -> int:
     settings.positive("--batch-size", batch_size)
     settings.positive("--concurrency", args.concurrency, allow_none=True)
     settings.positive("--max-items", args.max_items, allow_none=True)
-    if args.tickers_file and not Path(args.tickers_file).is_file():
-        raise ConfigError(f"tickers file not found: {args.tickers_file}")
+    if args.tickers_file:
+        from tasks.universe import tickers_from_file
+
+        tickers_from_file(args.tickers_file)  # an unusable file is a usage error, now
     settings.market_api()  # validates MARKET_API_* before Prefect starts
     return _run_flow(
         "flows.daily_sync:daily_sync",

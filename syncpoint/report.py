@@ -41,8 +41,8 @@ def summary_text(summary: dict[str, Any]) -> str:
     if failures:
         lines += ["", f"Failed items ({summary['failures_total']}):"]
         lines += [
-            f"  {f['stage']}/{f['item']}: {f['error_kind']} after {f['attempts']} "
-            f"attempt(s): {f['error']}"
+            f"  {f['stage']}/{shown(f['item'])}: {f['error_kind']}, {f['attempts']} run(s): "
+            f"{f['error']}"
             for f in failures
         ]
         more = summary["failures_total"] - len(failures)
@@ -53,6 +53,11 @@ def summary_text(summary: dict[str, Any]) -> str:
     elif summary["status"] == "failed":
         lines += ["", "The run failed; run the same command again to resume it."]
     return "\n".join(lines)
+
+
+def shown(item: str) -> str:
+    """An item as it can be read on a terminal: invisible or odd characters escaped."""
+    return item if item.isprintable() and item.isascii() else ascii(item)
 
 
 def counts_cells(c: StageCounts) -> str:
@@ -109,12 +114,13 @@ def status_text(ledger: Ledger, runs: list[Run | CheckpointError], failures: int
         for stage, c in stage_counts(ledger, run).items():
             lines.append(f"    {stage:<12} {counts_cells(c)}")
         if i == 0 and failures:
-            shown = ledger.failures(run.run_id, limit=failures)
-            if shown:
+            listed = ledger.failures(run.run_id, limit=failures)
+            if listed:
                 lines.append("    failed items:")
                 lines += [
-                    f"      {f.stage}/{f.item}: {f.error_kind}, {f.attempts} attempt(s): {f.error}"
-                    for f in shown
+                    f"      {f.stage}/{shown(f.item)}: {f.error_kind}, {f.attempts} run(s): "
+                    f"{f.error}"
+                    for f in listed
                 ]
     return "\n".join(lines)
 

@@ -83,8 +83,12 @@ async def fetch_symbols(api: MarketApi, source: str) -> tuple[list[str], int]:
 
 
 def parse_prices(ticker: str, payload: Any) -> list[dict[str, Any]]:
+    records = _records(payload, ticker)
+    if not records:
+        # A known symbol with no bars at all in the window: say so rather than call it done.
+        raise ItemError(f"{ticker}: the API has no prices in the requested window")
     rows = []
-    for raw in _records(payload, ticker):
+    for raw in records:
         day = _day(_field(raw, "date", ticker), ticker)
         bar = {k: _number(raw, k, ticker) for k in ("open", "high", "low", "close")}
         if any(v <= 0 for v in bar.values()):

@@ -53,6 +53,14 @@ def validate(raw_symbols: list[str]) -> Universe:
     return universe
 
 
+def tickers_from_file(path: str | Path) -> Universe:
+    """A tickers file's valid tickers; ConfigError if it yields none."""
+    universe = validate(read_tickers_file(path))
+    if not universe.tickers:
+        raise ConfigError(f"tickers file {path} has no valid tickers")
+    return universe
+
+
 def check_symbol(symbol: str) -> str | None:
     """Why `symbol` is not a ticker, or None if it is one."""
     if len(symbol) > 16:
@@ -67,6 +75,8 @@ def check_symbol(symbol: str) -> str | None:
 def read_tickers_file(path: str | Path) -> list[str]:
     """Symbols from a file: one per line, or CSV with a `symbol` or `ticker` column."""
     file = Path(path)
+    if file.exists() and not file.is_file():
+        raise ConfigError(f"tickers file {file} is not a file")
     try:
         text = file.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
@@ -84,8 +94,8 @@ def read_tickers_file(path: str | Path) -> list[str]:
                 f"tickers file {file} looks like CSV but has no 'symbol' or 'ticker' column"
             )
         return [line.strip() for line in lines]
-    reader = csv.DictReader(io.StringIO("\n".join(lines)))
-    reader.fieldnames = header
+    # The header was read above; the reader gets the data lines only.
+    reader = csv.DictReader(io.StringIO("\n".join(lines[1:])), fieldnames=header)
     return [(row.get(column) or "").strip() for row in reader]
 
 
@@ -101,7 +111,7 @@ async def resolve_universe(
 ) -> Universe:
     """The run's tickers: a file, an explicit list (custom), or a list the API publishes."""
     if tickers_file:
-        return validate(read_tickers_file(tickers_file))
+        return tickers_from_file(tickers_file)
     if ticker_source == "custom":
         if not tickers:
             raise ConfigError("ticker source 'custom' needs tickers (--tickers A,B,...)")
