@@ -1,0 +1,479 @@
+"""Prefect operations end to end (issue 4, point 6), with real parts only.
+
+`prefect server start` (SQLite, and PostgreSQL through PREFECT_SERVER_DATABASE_CONNECTION_URL),
+`prefect work-pool create`, `prefect deploy --all` from the repository root, `prefect worker
+start`, runs created through the API like the UI's "Run", `prefect flow-run retry` and
+`prefect flow-run cancel` like the UI's buttons, a SIGKILL of the flow run's process, and the
+run page in headless Chromium. The market API is the simulator; the worker writes data and
+checkpoints to a SQLite file that the tests read.
+
+Each test uses its own run date (its own checkpoint) and its own slice of tickers.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+import pytest
+import sqlalchemy as sa
+
+from simulator import FaultKind, MarketSimulator
+from tests.e2e.harness import (
+    CHROMIUM,
+    DCF,
+    POOL,
+    PRICES,
+    Deployed,
+    Ledger,
+    Stack,
+    api,
+    artifacts,
+    chromium_text,
+    collapsed_types,
+    engine_process,
+    poll,
+    prefect_cli,
+    requests_per_ticker,
+    retry_from_cli,
+    state_history,
+    table_rows,
+    tickers,
+    trigger,
+    wait_final,
+    wait_state,
+    wait_worker_done,
+)
+
+pytestmark = pytest.mark.slow
+
+SQLITE_ONLY = pytest.mark.parametrize("server", ["sqlite"], indirect=True)
+BATCH = 5
+
+
+def _ok(stack: Stack, run: Any) -> str:
+    return f"state {run.state.type.value} {run.state.name}: {run.state.message}\n{stack.logs()}"
+
+
+# --- the nightly schedule --------------------------------------------------------------------
+
+
+@SQLITE_ONLY
+def test_the_server_schedules_the_nightly_run_at_5_utc(deployed: Deployed) -> None:
+    """After `prefect deploy --all` the server's scheduler creates the 05:00 UTC runs."""
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterId,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+
+    server = deployed.server
+
+    def scheduled_runs() -> list[Any]:
+        broken = [
+            line
+            for line in server.proc.output().splitlines()
+            if "Can't evaluate bulk DML" in line or "InvalidRequestError" in line
+        ]
+        if broken:
+            raise AssertionError(f"the server's scheduler fails: {broken[0]}")
+        with api(server) as client:
+            return list(
+                client.read_flow_runs(
+                    deployment_filter=DeploymentFilter(
+                        id=DeploymentFilterId(any_=[deployed.deployment.id])
+                    ),
+                    flow_run_filter=FlowRunFilter(
+                        state=FlowRunFilterState(
+                            type=FlowRunFilterStateType(any_=[StateType.SCHEDULED])
+                        )
+                    ),
+                )
+            )
+
+    runs = poll("auto-scheduled nightly runs", scheduled_runs, 60, interval=1)
+    assert all(r.auto_scheduled for r in runs)
+    for run in runs:
+        start = run.expected_start_time
+        assert (start.hour, start.minute, start.utcoffset().total_seconds()) == (5, 0, 0), start
+        assert run.parameters == {"ticker_source": "sp500", "batch_size": 50}
+
+
+# --- deploy, run, and what the run page shows ----------------------------------------------
+
+BASIC_DATE = "2026-11-20"
+
+
+@dataclass
+class BasicRun:
+    id: UUID
+    tickers: list[str]
+    missing: str  # answered 404 by the API
+    run: Any  # the flow run, terminal
+    requests: dict[str, tuple[int, int]]  # ticker -> (prices, valuations) requests
+
+
+@pytest.fixture(scope="module")
+def basic_run(stack: Stack) -> BasicRun:
+    """One run of the deployment: 40 tickers in batches of 5, one of them unknown to the API."""
+    sim = stack.sim
+    sim.clear_faults()
+    sim.reset_stats()
+    symbols = tickers(sim, 0, 40)
+    missing = symbols[7]
+    sim.set_fault(missing, FaultKind.NOT_FOUND)
+    try:
+        run_id = trigger(stack, BASIC_DATE, symbols, batch_size=BATCH)
+        run = wait_final(stack, run_id)
+    finally:
+        sim.clear_faults()
+    requests = {t: (sim.requests_for(t, PRICES), sim.requests_for(t, DCF)) for t in symbols}
+    return BasicRun(run_id, symbols, missing, run, requests)
+
+
+def test_deploy_then_run_through_the_api(
+    deployed: Deployed, stack: Stack, basic_run: BasicRun
+) -> None:
+    """prefect.yaml deploys as written; a run created through the API completes on the
+    worker, with the expected state history, summary, data, persisted task results and
+    run page artifacts (progress, summary, failed items).
+    """
+    deployment = deployed.deployment
+    assert "daily-sync/nightly" in deployed.deploy_output
+    assert deployment.entrypoint == "flows/daily_sync.py:daily_sync"
+    assert deployment.work_pool_name == POOL
+    assert deployment.parameters == {"ticker_source": "sp500", "batch_size": 50}
+    (schedule,) = deployment.schedules
+    assert schedule.active
+    assert (schedule.schedule.cron, schedule.schedule.timezone) == ("0 5 * * *", "UTC")
+
+    run, missing = basic_run.run, basic_run.missing
+    assert run.state.is_completed(), _ok(stack, run)
+    assert run.deployment_id == stack.deployment_id
+    assert run.run_count == 1
+    history = state_history(stack, basic_run.id)
+    assert collapsed_types(history) == ["SCHEDULED", "PENDING", "RUNNING", "COMPLETED"], history
+    assert [n for _, n, _ in history if n in ("Scheduled", "Pending", "Running", "Completed")] == [
+        "Scheduled",
+        "Pending",
+        "Running",
+        "Completed",
+    ], history
+
+    # The summary the flow returned, as its checkpoint recorded it.
+    ledger = Ledger(stack.data_db)
+    status, summary = ledger.run(BASIC_DATE)
+    assert status == "completed"
+    assert summary["status"] == "completed"
+    assert not summary["resumed"]
+    for stage in ("prices", "valuations"):
+        totals = summary["totals"][stage]
+        assert (totals["total"], totals["done"], totals["failed"], totals["pending"]) == (
+            40,
+            39,
+            1,
+            0,
+        ), summary["totals"]
+    assert [f["item"] for f in summary["failures"]] == [missing, missing]
+
+    # Every ticker was asked for once per endpoint, and the data is there.
+    assert set(basic_run.requests.values()) == {(1, 1)}, basic_run.requests
+    synced = set(basic_run.tickers) - {missing}
+    assert ledger.tickers_in("stock_prices") >= synced
+    assert ledger.tickers_in("dcf_valuations") >= synced
+    assert missing not in ledger.tickers_in("stock_prices")
+
+    # fetch-batch results went to PREFECT_LOCAL_STORAGE_PATH: 8 batches x 2 stages.
+    assert len(list(stack.results.glob("syncpoint-fetch-*"))) >= 16
+
+    # The run page.
+    by_key = artifacts(stack, basic_run.id)
+    assert set(by_key) == {"daily-sync-progress", "daily-sync-summary", "daily-sync-failed-items"}
+    (progress,) = by_key["daily-sync-progress"]  # one bar, moved after every batch
+    assert float(progress.data) == 100.0
+    final = by_key["daily-sync-summary"][-1].data
+    assert final.startswith(f"# daily-sync {BASIC_DATE}: completed"), final
+    assert "| prices | success | 39 | 1 |" in final, final
+    rows = table_rows(by_key["daily-sync-failed-items"][-1])
+    failed = {(r["stage"], r["item"]): r for r in rows}
+    assert set(failed) == {("prices", missing), ("valuations", missing)}, rows
+    for row in failed.values():
+        assert "404" in row["reason"], row
+        assert row["kind"] == "permanent", row
+
+    if stack.server.backend == "postgres":
+        # The server really kept all of it in PostgreSQL.
+        assert stack.server.database_url is not None
+        url = sa.engine.make_url(stack.server.database_url).set(drivername="postgresql+psycopg")
+        engine = sa.create_engine(url)
+        with engine.connect() as conn:
+            runs = conn.execute(
+                sa.text("SELECT count(*) FROM flow_run WHERE id = :id"), {"id": basic_run.id}
+            ).scalar_one()
+            keys = conn.execute(
+                sa.text("SELECT DISTINCT key FROM artifact WHERE flow_run_id = :id"),
+                {"id": basic_run.id},
+            ).scalars()
+            assert runs == 1
+            assert set(keys) == set(by_key)
+        engine.dispose()
+
+
+@SQLITE_ONLY
+def test_the_run_page_in_headless_chromium(
+    stack: Stack, basic_run: BasicRun, tmp_path: Any
+) -> None:
+    """The Prefect UI renders the run, its artifacts, the progress and the failed items."""
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is missing: apt-get install -y chromium (.ci/run does)")
+    ui, run_id, missing = stack.server.ui_url, basic_run.id, basic_run.missing
+    by_key = artifacts(stack, run_id)
+    table = by_key["daily-sync-failed-items"][-1]
+    progress = by_key["daily-sync-progress"][-1]
+
+    # The page the flow's log links to ("View at .../runs/flow-run/<id>").
+    page = chromium_text(f"{ui}/runs/flow-run/{run_id}", tmp_path / "run")
+    for shown in (basic_run.run.name, "Completed", "Artifacts"):
+        assert shown in page, page
+
+    # The run page's Artifacts tab (the v2 UI takes the tab from the URL).
+    page = chromium_text(f"{ui}/v2/runs/flow-run/{run_id}?tab=Artifacts", tmp_path / "tab")
+    for key in ("daily-sync-progress", "daily-sync-summary", "daily-sync-failed-items"):
+        assert key in page, page
+
+    # The failed-items table, as a user opens it from the run page.
+    page = chromium_text(f"{ui}/artifacts/artifact/{table.id}", tmp_path / "table")
+    assert "daily-sync-failed-items" in page, page
+    assert re.search(rf"\bprices {missing} permanent 1 .*404", page), page
+    assert re.search(rf"\bvaluations {missing} permanent 1 .*404", page), page
+
+    # The progress bar.
+    page = chromium_text(f"{ui}/artifacts/artifact/{progress.id}", tmp_path / "progress")
+    assert "daily-sync-progress" in page, page
+    assert "Progress: 100%" in page, page
+
+
+# --- failure, crash and cancellation, each followed by a retry that resumes ----------------
+
+FAILED_DATE, CRASHED_DATE, CANCELLED_DATE, AUTO_RETRY_DATE = (
+    "2026-11-21",
+    "2026-11-22",
+    "2026-11-23",
+    "2026-11-24",
+)
+
+
+def assert_every_ticker_synced(stack: Stack, symbols: list[str]) -> None:
+    ledger = Ledger(stack.data_db)
+    assert ledger.tickers_in("stock_prices") >= set(symbols)
+    assert ledger.tickers_in("dcf_valuations") >= set(symbols)
+
+
+@SQLITE_ONLY
+def test_a_failed_run_retried_from_the_cli_fetches_no_done_ticker_again(
+    stack: Stack, market: MarketSimulator
+) -> None:
+    """401 on a late ticker fails the run after 5 batches; `prefect flow-run retry` resumes."""
+    symbols = tickers(market, 40, 80)
+    rejected = symbols[27]  # in batch 6 of 8: batches 1-5 are done before it
+    market.set_fault(rejected, FaultKind.UNAUTHORIZED)
+    run_id = trigger(stack, FAILED_DATE, symbols, batch_size=BATCH)
+    first = wait_final(stack, run_id)
+    assert first.state.is_failed(), _ok(stack, first)
+    assert "rejected the key" in (first.state.message or ""), first.state.message
+
+    ledger = Ledger(stack.data_db)
+    status, summary = ledger.run(FAILED_DATE)
+    assert status == "failed", summary
+    assert "rejected the key" in summary["error"], summary
+    done_first = ledger.items(FAILED_DATE, "prices")
+    assert set(symbols[:25]) <= done_first
+    assert rejected not in done_first
+    assert not done_first & set(symbols[30:])  # nothing after the 401's batch was started
+    page = artifacts(stack, run_id)["daily-sync-summary"][-1].data
+    assert page.startswith(f"# daily-sync {FAILED_DATE}: failed"), page
+
+    market.clear_faults()
+    retry_from_cli(stack, run_id)  # at once, like a user clicking Retry on the failed run
+    final = wait_final(stack, run_id)
+    assert final.state.is_completed(), _ok(stack, final)
+    assert final.run_count == 2
+    history = state_history(stack, run_id)
+    assert collapsed_types(history) == [
+        "SCHEDULED",
+        "PENDING",
+        "RUNNING",
+        "FAILED",
+        "SCHEDULED",
+        "PENDING",
+        "RUNNING",
+        "COMPLETED",
+    ], history
+    assert ("SCHEDULED", "Scheduled", "Retried via CLI") in history
+
+    prices = requests_per_ticker(market, symbols, PRICES)
+    assert {t: prices[t] for t in done_first if prices[t] != 1} == {}  # never fetched again
+    assert prices == {t: 2 if t == rejected else 1 for t in symbols}  # the 401, then its data
+    assert set(requests_per_ticker(market, symbols, DCF).values()) == {1}
+    status, summary = ledger.run(FAILED_DATE)
+    assert status == "completed", summary
+    assert summary["resumed"], summary
+    assert_every_ticker_synced(stack, symbols)
+    page = artifacts(stack, run_id)["daily-sync-summary"][-1].data
+    assert page.startswith(f"# daily-sync {FAILED_DATE}: completed"), page
+
+
+@SQLITE_ONLY
+def test_a_crashed_run_retried_refetches_at_most_two_batches(
+    stack: Stack, market: MarketSimulator
+) -> None:
+    """SIGKILL of the flow run's process: the worker reports Crashed; a retry resumes."""
+    market.config.latency_ms = 40
+    symbols = tickers(market, 100, 200)
+    run_id = trigger(stack, CRASHED_DATE, symbols, batch_size=BATCH)
+    ledger = Ledger(stack.data_db)
+    poll(
+        "20 tickers stored before the kill",
+        lambda: len(ledger.items(CRASHED_DATE, "prices")) >= 20,
+        180,
+        context=stack.logs,
+    )
+    engine = engine_process(stack, run_id)
+    assert "prefect.engine" in " ".join(engine.cmdline())
+    engine.kill()
+
+    crashed = wait_final(stack, run_id, timeout=120)
+    assert crashed.state.is_crashed(), _ok(stack, crashed)
+    assert "SIGKILL" in (crashed.state.message or ""), crashed.state.message
+    done_at_kill = ledger.items(CRASHED_DATE, "prices")
+    assert 20 <= len(done_at_kill) < len(symbols)
+    assert ledger.run(CRASHED_DATE)[0] == "running"  # left behind by the dead process
+
+    market.config.latency_ms = 0
+    # Prefect 3.8 reports a crashed attempt twice, the second time ~10 s later when the
+    # worker has torn down its watchers; a retry before that gets a spurious "Crashed"
+    # (state history: ... Submitting, Crashed, Running, Completed) and pollers see a
+    # terminal state while the retry runs. Wait for the worker, as an operator must.
+    wait_worker_done(stack, run_id, attempts=1)
+    retry_from_cli(stack, run_id)
+    final = wait_final(stack, run_id)
+    assert final.state.is_completed(), _ok(stack, final)
+    history = state_history(stack, run_id)
+    assert collapsed_types(history) == [
+        "SCHEDULED",
+        "PENDING",
+        "RUNNING",
+        "CRASHED",
+        "SCHEDULED",
+        "PENDING",
+        "RUNNING",
+        "COMPLETED",
+    ], history
+
+    prices = requests_per_ticker(market, symbols, PRICES)
+    refetched = {t for t, n in prices.items() if n > 1}
+    assert not refetched & done_at_kill  # a ticker marked done is never fetched again
+    assert len(refetched) <= 2 * BATCH, sorted(refetched)  # only the batches in flight
+    assert min(prices.values()) == 1
+    assert set(requests_per_ticker(market, symbols, DCF).values()) == {1}
+    status, summary = ledger.run(CRASHED_DATE)
+    assert status == "completed", summary
+    assert summary["resumed"], summary
+    assert_every_ticker_synced(stack, symbols)
+    # The retry's bar is the newest; the killed attempt's bar stays where it died.
+    page = artifacts(stack, run_id)
+    assert float(page["daily-sync-progress"][-1].data) == 100.0
+    assert page["daily-sync-summary"][-1].data.startswith(f"# daily-sync {CRASHED_DATE}: completed")
+
+
+@SQLITE_ONLY
+def test_a_cancelled_run_stops_cleanly_and_its_retry_refetches_nothing(
+    stack: Stack, market: MarketSimulator
+) -> None:
+    """`prefect flow-run cancel` sends SIGTERM to the flow run's process; syncpoint's handler
+    finishes the batches in flight and flushes the checkpoint; Prefect ends the run Cancelled.
+    """
+    # Slow enough that the run is still going when the cancel lands, seconds later.
+    market.config.latency_ms = 250
+    symbols = tickers(market, 200, 300)
+    run_id = trigger(stack, CANCELLED_DATE, symbols, batch_size=BATCH)
+    ledger = Ledger(stack.data_db)
+    poll(
+        "10 tickers stored before the cancel",
+        lambda: len(ledger.items(CANCELLED_DATE, "prices")) >= 10,
+        180,
+        context=stack.logs,
+    )
+    cancel = prefect_cli(["flow-run", "cancel", str(run_id)], stack.server.cli_env())
+    assert cancel.returncode == 0, cancel.stdout + cancel.stderr
+
+    cancelled = wait_final(stack, run_id, timeout=120)
+    assert cancelled.state.is_cancelled(), _ok(stack, cancelled)
+    assert "SIGTERM received" in stack.worker.output()  # our handler, not a hard kill
+    status, summary = ledger.run(CANCELLED_DATE)
+    assert status == "partial", summary
+    assert (summary["interrupted"], summary["signal"]) == ("interrupted by SIGTERM", 15)
+    done = {s: ledger.items(CANCELLED_DATE, s) for s in ("prices", "valuations")}
+    assert len(done["prices"]) >= 10
+    assert len(done["valuations"]) < len(symbols)
+    for stage, table in (("prices", "stock_prices"), ("valuations", "dcf_valuations")):
+        assert summary["totals"][stage]["done"] == len(done[stage])  # flushed as it stopped
+        assert done[stage] <= ledger.tickers_in(table)  # marks never ahead of the data
+
+    market.config.latency_ms = 0
+    retry_from_cli(stack, run_id)  # `prefect flow-run retry` accepts a Cancelled run
+    final = wait_final(stack, run_id)
+    assert final.state.is_completed(), _ok(stack, final)
+    history = state_history(stack, run_id)
+    assert collapsed_types(history) == [
+        "SCHEDULED",
+        "PENDING",
+        "RUNNING",
+        "CANCELLING",
+        "CANCELLED",
+        "SCHEDULED",
+        "PENDING",
+        "RUNNING",
+        "COMPLETED",
+    ], history
+    # A clean stop loses nothing: every ticker was fetched exactly once over both attempts.
+    assert set(requests_per_ticker(market, symbols, PRICES).values()) == {1}
+    assert set(requests_per_ticker(market, symbols, DCF).values()) == {1}
+    assert ledger.run(CANCELLED_DATE)[0] == "completed"
+    assert_every_ticker_synced(stack, symbols)
+
+
+@SQLITE_ONLY
+def test_an_automatic_flow_retry_resumes(stack: Stack, market: MarketSimulator) -> None:
+    """SYNCPOINT_FLOW_RETRIES (the flow decorator's retries) in the run's environment: the
+    API rejects the key, Prefect waits AwaitingRetry, the retry resumes and completes.
+    """
+    symbols = tickers(market, 300, 340)
+    market.set_global_fault(FaultKind.UNAUTHORIZED)
+    run_id = trigger(
+        stack,
+        AUTO_RETRY_DATE,
+        symbols,
+        batch_size=BATCH,
+        env={"SYNCPOINT_FLOW_RETRIES": "1", "SYNCPOINT_FLOW_RETRY_DELAY_SECONDS": "6"},
+    )
+    wait_state(stack, run_id, lambda s: s.name == "AwaitingRetry", "AwaitingRetry", 120)
+    market.clear_global_fault()
+    final = wait_final(stack, run_id)
+    assert final.state.is_completed(), _ok(stack, final)
+    names = [n for _, n, _ in state_history(stack, run_id)]
+    assert "AwaitingRetry" in names, names
+    assert names[-1] == "Completed", names
+
+    prices = requests_per_ticker(market, symbols, PRICES)
+    # Only the first batch met the 401s; everything after it was fetched once.
+    assert all(n == 1 for n in list(prices.values())[BATCH:]), prices
+    assert all(n <= 2 for n in prices.values()), prices
+    assert set(requests_per_ticker(market, symbols, DCF).values()) == {1}
+    assert Ledger(stack.data_db).run(AUTO_RETRY_DATE)[0] == "completed"
+    assert_every_ticker_synced(stack, symbols)
