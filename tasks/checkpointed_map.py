@@ -26,6 +26,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 from prefect.futures import PrefectFuture
+from prefect.utilities.annotations import quote
 from sqlalchemy import Connection
 
 from syncpoint.checkpoint import ErrorKind, ItemOutcome, Ledger, PendingItem, StageCounts
@@ -283,7 +284,17 @@ def map_batches(
             if storing is not None:
                 previous, storing = storing, None
                 settle(*previous)
-            storing = (outcome, store_batch.submit(data, checkpoints, source.table, outcome))
+            # quote(): Prefect would otherwise walk every row of the batch looking for
+            # futures to wait on, which costs more than storing them (bench case 1).
+            storing = (
+                outcome,
+                store_batch.submit(
+                    data,
+                    checkpoints,
+                    source.table,
+                    cast(BatchOutcome, quote(outcome)),  # Prefect unwraps it for the task
+                ),
+            )
             result.fatal = outcome.fatal
     finally:
         # A batch that was fetched is always stored before the stage ends, whatever ended it.

@@ -22,9 +22,6 @@ TABLES: dict[str, Table] = {t.name: t for t in (stock_prices, dcf_valuations, di
 # From this many rows a PostgreSQL upsert goes through COPY (see _copy_upsert).
 COPY_FROM_ROWS = 1000
 
-# SQLite caps bound variables per statement (32766 in 3.32+); stay well under it.
-_SQLITE_MAX_VARS = 30000
-
 
 def to_frame(table: Table, rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
     """Rows as a frame with the table's columns, one row per key (the last one wins)."""
@@ -57,16 +54,16 @@ def upsert(conn: Connection, table_name: str, rows: Sequence[dict[str, Any]]) ->
         )
         conn.execute(stmt, records)
     elif dialect == "sqlite":
-        per_statement = max(1, _SQLITE_MAX_VARS // len(frame.columns))
-        for start in range(0, len(records), per_statement):
-            chunk = records[start : start + per_statement]
-            lite = sqlite.insert(table).values(chunk)
-            conn.execute(
-                lite.on_conflict_do_update(
-                    index_elements=keys,
-                    set_={c: lite.excluded[c] for c in frame.columns if c not in keys},
-                )
-            )
+        # One parameterised statement through executemany: compiling a multi-row VALUES
+        # statement per batch cost more than running it (bench case 1).
+        lite = sqlite.insert(table)
+        conn.execute(
+            lite.on_conflict_do_update(
+                index_elements=keys,
+                set_={c: lite.excluded[c] for c in frame.columns if c not in keys},
+            ),
+            records,
+        )
     else:  # pragma: no cover - Database.from_url refuses other backends
         raise ValueError(f"no upsert for {dialect}")
     return len(records)
