@@ -1,0 +1,182 @@
+"""Run the cases, print the table, write BENCHMARKS.md.
+
+    scripts/bench                 # all six cases, about 10 minutes on 2 cores
+    scripts/bench --quick         # smaller sizes, one repetition: a smoke run (< 2 minutes)
+    scripts/bench --case 5        # one case (repeat --case for several)
+
+A full run of every case writes BENCHMARKS.md at the repository root; a quick or partial
+run writes bench/results/BENCHMARKS-quick.md or -partial.md, so the recorded figures are
+only ever replaced by a full run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench.cases import (
+    bulk_write,
+    checkpoint_overhead,
+    crash_redo,
+    noop_rerun,
+    rate_limited,
+    throughput,
+)
+from bench.harness import (
+    RESULTS,
+    ROOT,
+    Bench,
+    CaseResult,
+    code_version,
+    machine,
+    prefect_server,
+)
+from bench.report import markdown, table
+
+Case = Callable[[Bench], CaseResult]
+CASES: dict[int, tuple[str, Case]] = {
+    1: ("Nightly throughput", throughput.run),
+    2: ("Rate-limited pace", rate_limited.run),
+    3: ("No-op rerun of a completed date", noop_rerun.run),
+    4: ("Crash redo", crash_redo.run),
+    5: ("Bulk write", bulk_write.run),
+    6: ("Checkpoint overhead", checkpoint_overhead.run),
+}
+# Case 5 needs no Prefect: run between the Prefect-heavy case 3 and the rest, which gives
+# the server time to digest case 3's thousands of task-run events.
+ORDER = (1, 2, 3, 5, 4, 6)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="scripts/bench", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
+    parser.add_argument(
+        "--case",
+        type=int,
+        action="append",
+        choices=sorted(CASES),
+        help="run only this case (repeatable)",
+    )
+    parser.add_argument("--reps", type=int, help="repetitions of every timed comparison")
+    parser.add_argument(
+        "--bulk-rows-all",
+        action="store_true",
+        help="case 5: every writer writes every row (no time budgets; ~20 min more)",
+    )
+    parser.add_argument("--output", type=Path, help="where to write the report")
+    parser.add_argument(
+        "--prefect-api-url",
+        help="use this Prefect server instead of starting one (e.g. http://127.0.0.1:4200/api)",
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the work folder")
+    return parser.parse_args(argv)
+
+
+def command_line(args: argparse.Namespace) -> str:
+    parts = ["scripts/bench"]
+    if args.quick:
+        parts.append("--quick")
+    for number in args.case or []:
+        parts += ["--case", str(number)]
+    if args.reps:
+        parts += ["--reps", str(args.reps)]
+    if args.bulk_rows_all:
+        parts.append("--bulk-rows-all")
+    return " ".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    selected = [n for n in ORDER if not args.case or n in args.case]
+    full = (
+        not args.quick and len(selected) == len(CASES) and not args.reps and not args.bulk_rows_all
+    )
+    output = args.output or (
+        ROOT / "BENCHMARKS.md"
+        if full
+        else RESULTS / f"BENCHMARKS-{'quick' if args.quick else 'partial'}.md"
+    )
+    started = time.monotonic()
+    info = machine()
+    info["date"] = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix="syncpoint-bench-"))
+    print(
+        f"syncpoint bench: cases {', '.join(map(str, sorted(selected)))}"
+        f"{' (quick)' if args.quick else ''}; work folder {workdir}",
+        flush=True,
+    )
+    results: list[CaseResult] = []
+    try:
+        with _prefect(args, workdir, info) as url:
+            bench = Bench(
+                args.quick,
+                workdir,
+                url,
+                workdir / "prefect-client",
+                reps_override=args.reps,
+                bulk_rows_all=args.bulk_rows_all,
+            )
+            for number in selected:
+                results.append(_run_case(number, bench))
+    finally:
+        if args.keep:
+            print(f"work folder kept: {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    info["seconds"] = time.monotonic() - started
+    info["load_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    after = code_version()
+    if (after["commit"], after["diff"]) != (info["commit"], info["diff"]):
+        info["code_changed"] = (
+            f"the code changed during this run (commit {info['commit']} -> {after['commit']}, "
+            "or uncommitted edits): figures may mix two versions; rerun for one version."
+        )
+        print(f"\nWARNING: {info['code_changed']}")
+    results.sort(key=lambda r: r.number)
+    print()
+    print(table(results))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(markdown(results, info, command_line(args)))
+    print(f"\ntotal {info['seconds'] / 60:.1f} min; report written to {output}")
+    return 1 if any(r.error for r in results) else 0
+
+
+@contextlib.contextmanager
+def _prefect(args: argparse.Namespace, workdir: Path, info: dict[str, Any]) -> Iterator[str]:
+    if args.prefect_api_url:
+        info["prefect_server"] = f"given: {args.prefect_api_url}"
+        yield args.prefect_api_url
+        return
+    log = RESULTS / "prefect-server.log"
+    print("starting a Prefect server (home bench/results/prefect-home)...", flush=True)
+    with prefect_server(RESULTS / "prefect-home", log) as (url, seconds):
+        info["prefect_server"] = f"`prefect server start`, healthy after {seconds:.1f}s"
+        print(f"Prefect server at {url} after {seconds:.1f}s", flush=True)
+        yield url
+
+
+def _run_case(number: int, bench: Bench) -> CaseResult:
+    title, case = CASES[number]
+    print(f"\n== case {number}: {title}", flush=True)
+    began = time.monotonic()
+    try:
+        result = case(bench)
+    except Exception as exc:
+        traceback.print_exc()
+        result = CaseResult(number, title, setup="", command=f"scripts/bench --case {number}")
+        result.error = f"{type(exc).__name__}: {exc}"
+    result.seconds = time.monotonic() - began
+    print(f"== case {number}: {result.verdict} in {result.seconds:.0f}s", flush=True)
+    return result
