@@ -71,11 +71,15 @@ class CaseResult:
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
     error: str | None = None
+    # Set by a case whose judged figures are alternatives (case 1's batch sizes).
+    verdict_override: str | None = None
 
     @property
     def verdict(self) -> str:
         if self.error:
             return "error"
+        if self.verdict_override:
+            return self.verdict_override
         judged = [f.ok for f in self.figures if f.ok is not None]
         if not judged:
             return "info"
@@ -454,11 +458,21 @@ def machine() -> dict[str, Any]:
     }
 
 
+# What the figures measure: a commit that only touches bench/ or the docs changes nothing.
+PRODUCT_PATHS = ("syncpoint", "flows", "tasks", "blocks", "simulator", "pyproject.toml")
+
+
 def code_version() -> dict[str, Any]:
-    """The commit, the tracked files changed since, and a digest of those changes."""
-    changed = _git("diff", "HEAD", "--name-only").split()
-    digest = hashlib.sha256(_git("diff", "HEAD").encode()).hexdigest()[:12]
-    return {"commit": _git("rev-parse", "--short", "HEAD"), "changed": changed, "diff": digest}
+    """The last commit of the product code, its uncommitted changes, and their digest."""
+    paths = ["--", *PRODUCT_PATHS]
+    changed = _git("diff", "HEAD", "--name-only", *paths).split()
+    digest = hashlib.sha256(_git("diff", "HEAD", *paths).encode()).hexdigest()[:12]
+    return {
+        "commit": _git("log", "-1", "--format=%h", *paths),
+        "head": _git("rev-parse", "--short", "HEAD"),
+        "changed": changed,
+        "diff": digest,
+    }
 
 
 def _git(*args: str) -> str:

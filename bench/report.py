@@ -55,7 +55,7 @@ def markdown(results: Sequence[CaseResult], info: dict[str, Any], command: str) 
         f"| OS | {info['os']} |",
         f"| Python | {info['python']} |",
         f"| Prefect | {info['prefect']} |",
-        f"| syncpoint | commit {info['commit']}{dirty} |",
+        f"| syncpoint | code of commit {info['commit']}{dirty} (HEAD {info.get('head', '?')}) |",
         f"| load average (1, 5, 15 min) | at start {info['load']}, at the end "
         f"{info.get('load_end', '?')} (other work shares this machine) |",
         f"| Prefect server | {info.get('prefect_server', '')} |",

@@ -140,8 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     after = code_version()
     if (after["commit"], after["diff"]) != (info["commit"], info["diff"]):
         info["code_changed"] = (
-            f"the code changed during this run (commit {info['commit']} -> {after['commit']}, "
-            "or uncommitted edits): figures may mix two versions; rerun for one version."
+            f"syncpoint's code changed during this run (commit {info['commit']} -> "
+            f"{after['commit']}, or uncommitted edits): figures may mix two versions; rerun "
+            "for one version."
         )
         print(f"\nWARNING: {info['code_changed']}")
     results.sort(key=lambda r: r.number)
