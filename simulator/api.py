@@ -89,7 +89,7 @@ class MarketApi:
         self.data = data
         self.dip = dip if dip is not None else new_dip_data(config)
         self.faults = FaultBook()
-        self.stats = RequestStats()
+        self.stats = RequestStats(timeline=config.record_timeline)
         self._limiter = (
             TokenBucket(config.rate_limit_per_minute) if config.rate_limit_per_minute else None
         )
@@ -103,12 +103,13 @@ class MarketApi:
             return self._control(url.path)
         query = {k: v[0] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
         endpoint, symbol = self._route(url.path, query)
-        self.stats.record_request(endpoint, symbol)
-        response = self._answer(endpoint, symbol, query)
-        if response.reset:
-            self.stats.record_reset()
-        else:
-            self.stats.record_response(response.status)
+        started = self.stats.record_request(endpoint, symbol)
+        status: int | None = 500  # what the handler's crash looks like to the client
+        try:
+            response = self._answer(endpoint, symbol, query)
+            status = None if response.reset else response.status
+        finally:
+            self.stats.record_end(endpoint, symbol, started, status)
         return response
 
     @staticmethod

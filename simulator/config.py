@@ -30,6 +30,9 @@ class SimulatorConfig:
     # per request).
     dip_records_per_entity: int = 250
     dip_page_size: int = 100
+    # Keep every request's (endpoint, symbol, start, end, status) for MarketSimulator.timeline():
+    # memory grows with each request, so only for tests and short benchmarks.
+    record_timeline: bool = False
 
     def __post_init__(self) -> None:
         for name in ("error_rate", "rate_limit_error_rate"):

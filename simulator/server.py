@@ -20,6 +20,7 @@ from simulator.config import SimulatorConfig
 from simulator.dip import DipData
 from simulator.faults import Fault, FaultKind
 from simulator.market_data import MarketData
+from simulator.stats import Served
 
 # Long enough for any polite keep-alive pool; short enough that vanished clients do not
 # pin threads in a long-running demo server forever.
@@ -255,6 +256,11 @@ class MarketSimulator:
 
     def stats(self) -> dict[str, Any]:
         return self._api.stats.snapshot()
+
+    def timeline(self) -> list[Served]:
+        """Every request since the last reset_stats(), as it ended; needs
+        SimulatorConfig(record_timeline=True)."""
+        return self._api.stats.timeline()
 
     def reset_stats(self) -> None:
         self._api.stats.reset()

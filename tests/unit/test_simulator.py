@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -439,6 +440,7 @@ def test_stats_count_exactly(
         "by_symbol": {a: 3, b: 1, UNKNOWN: 1},
         "responses": {"200": 5, "400": 1, "404": 2, "500": 1},
         "resets": 0,
+        "most_in_flight": 1,  # one client, one request at a time
     }
     assert sim.stats() == expected
     assert over_http == expected
@@ -450,6 +452,38 @@ def test_stats_count_exactly(
     sim.reset_stats()
     assert sim.stats()["requests"] == 0
     assert sim.stats()["by_symbol"] == {}
+
+
+def test_in_flight_high_water_mark_and_timeline() -> None:
+    config = SimulatorConfig(latency_ms=300, record_timeline=True)
+    with MarketSimulator(config) as sim:
+        symbol = sim.data.symbols[0]
+        # A barrier makes the six requests really concurrent, whatever the thread start-up.
+        barrier = threading.Barrier(6)
+
+        def fetch(_: int) -> int:
+            with httpx.Client(base_url=sim.base_url, timeout=10) as c:
+                barrier.wait()
+                return eod(c, symbol).status_code
+
+        with ThreadPoolExecutor(max_workers=6) as pool:
+            assert list(pool.map(fetch, range(6))) == [200] * 6
+        assert sim.stats()["most_in_flight"] == 6
+        served = sim.timeline()
+        assert len(served) == 6
+        assert {(s.endpoint, s.symbol, s.status) for s in served} == {
+            ("historical-price-eod/full", symbol, 200)
+        }
+        assert all(s.ended - s.started >= 0.3 for s in served)  # the configured latency
+        sim.reset_stats()
+        assert sim.timeline() == []
+        assert sim.stats()["most_in_flight"] == 0
+
+
+def test_timeline_is_off_by_default(sim: MarketSimulator, client: httpx.Client) -> None:
+    eod(client, sim.data.symbols[0])
+    assert sim.stats()["requests"] == 1
+    assert sim.timeline() == []
 
 
 def test_many_concurrent_clients(sim: MarketSimulator, symbols: tuple[str, str]) -> None:
