@@ -1,7 +1,8 @@
 """What a user sees on a flow run's page in the Prefect UI.
 
 Three artifacts, keyed per job so each night's run adds a new version under the same
-key (Prefect's rule: lowercase letters, digits and dashes):
+key (Prefect's rule: lowercase letters, digits and dashes); a rerun of a completed run
+publishes the summary alone:
 - `<job>-progress`: a progress bar over the whole run, updated after every batch;
 - `<job>-summary`: markdown with counts, duration, throughput and, while running, the
   estimated time left; refreshed at most every few seconds and at the end;
@@ -100,6 +101,10 @@ class RunPage:
         ]
         self._call(self._failed_table, rows)
 
+    def already_complete(self, summary: dict[str, Any]) -> None:
+        """A rerun of a completed run: the summary alone, saying nothing was done."""
+        self._call(self._markdown, final_markdown(summary))
+
     # --- Prefect calls --------------------------------------------------------------------
 
     def _set_progress(self, percent: float) -> None:
@@ -166,6 +171,13 @@ def final_markdown(summary: dict[str, Any]) -> str:
             f"| {s['name']} | {s['status']} | {c['done']} | {c['failed']} | {c['retrying']} "
             f"| {c['untouched']} | {s['rows_written']} | {s['requests']} |"
         )
+    if summary.get("already_complete"):
+        lines += [
+            "",
+            f"Already complete: run `{summary['run_id']}` finished this {summary['run_key']} "
+            "before, so this one did nothing. Start it over with `--fresh`.",
+        ]
+        return "\n".join(lines)
     rate = settled_now / seconds if seconds > 0 else 0.0
     lines += ["", f"Throughput: {rate:.1f} items/s settled (all stages)."]
     errors = [f"- **{s['name']}**: {s['error']}" for s in summary.get("stages", []) if s["error"]]

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import date, timedelta
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
-import pandas as pd
 from sqlalchemy import JSON, Connection, Table, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from syncpoint.tables import dcf_valuations, dip_documents, stock_prices
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 # Which tables a batch may write, by the name a source declares.
 TABLES: dict[str, Table] = {t.name: t for t in (stock_prices, dcf_valuations, dip_documents)}
@@ -25,6 +27,10 @@ COPY_FROM_ROWS = 1000
 
 def to_frame(table: Table, rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
     """Rows as a frame with the table's columns, one row per key (the last one wins)."""
+    # Imported here: pandas is a third of what the flow modules cost to import, and a
+    # rerun of a completed date never stores anything (bench case 3).
+    import pandas as pd
+
     columns = [c.name for c in table.columns]
     frame = pd.DataFrame.from_records(list(rows), columns=columns)
     keys = [c.name for c in table.primary_key.columns]

@@ -65,3 +65,32 @@ def test_run_page_shows_progress_summary_and_failed_items(
     }
     assert "404" in failed[("prices", tickers[3])]["reason"]
     assert failed[("prices", tickers[7])]["kind"] == "permanent"
+
+
+def test_a_rerun_of_a_completed_date_publishes_one_summary_saying_so(
+    sync_env: MarketSimulator, sqlite_url: str, tmp_path: Path
+) -> None:
+    tickers = list(sync_env.data.sp500_symbols[:6])
+    os.environ["SYNCPOINT_DATABASE_URL"] = sqlite_url
+    try:
+        states = [
+            daily_sync(
+                run_date="2026-11-20",
+                tickers_file=str(tickers_file(tmp_path, tickers)),
+                return_state=True,
+            )
+            for _ in range(2)
+        ]
+    finally:
+        del os.environ["SYNCPOINT_DATABASE_URL"]
+    first, rerun = (s.state_details.flow_run_id for s in states)
+    assert first is not None
+    assert rerun is not None
+    assert {a.key for a in artifacts_of(first)} == {
+        artifact_key("daily-sync", part) for part in ("progress", "summary", "failed-items")
+    }
+    (summary,) = artifacts_of(rerun)
+    assert summary.key == artifact_key("daily-sync", "summary")
+    assert summary.data.startswith("# daily-sync 2026-11-20: completed")
+    assert "Already complete" in summary.data
+    assert "0 API requests" in summary.data
