@@ -179,11 +179,20 @@ def _notes(
         ratio = median(values)
         verdict = "target met" if ratio <= TARGET_RATIO else "target missed"
         stalls = median([len(s.stalls) for s in runs])
+        # Where the rest fall, from a run against a simulator recording its timeline: the
+        # prices -> valuations transition, the first stores (pandas is imported there), and
+        # boundaries where both fetches in flight ended before the next was submitted.
         where = (
-            "at the boundaries (one batch's fetch task has ended, the next has not started sending)"
+            "fewer than one per batch boundary (the next batch is normally queued for the "
+            "slots before one ends). A timeline of one such run puts them at the stage "
+            "transition (a stage's last batch is stored before the next stage plans its "
+            "items), at the first stores (pandas is imported there), and at boundaries "
+            "where both fetches in flight ended before the next was submitted: a fetch is "
+            "submitted only once the batch two before it is marked, which is what caps a "
+            "crash's loss at three batches"
+            if stalls < batches
+            else "at or around the batch boundaries"
         )
-        if stalls > batches:
-            where += " and, for the rest, inside batches"
         result.notes.append(
             f"{label}: {ratio:.2f}x the baseline, {verdict}. For {stalled:.1f}s of its "
             f"{span:.1f}s no request arrived at all: {stalls:.0f} stalls of >= 0.1 s per run "
@@ -193,14 +202,7 @@ def _notes(
     best = min(ratios, key=lambda label: median(ratios[label]))
     if median(ratios[best]) > TARGET_RATIO:
         result.notes.append(
-            "What would reach 0.8x: the stalls are the whole gap (see 'without them' above). "
-            "They come from fetching one batch at a time: each batch ends with a tail of "
-            "fewer than 32 requests in flight and a boundary during which none is sent "
-            "(the fetch task's result is persisted, the store task is submitted and starts "
-            "beside the next fetch, the next fetch task starts and opens new HTTP "
-            "connection pools). Starting the next batch's fetch before the current one has "
-            "drained (one more batch fetched-but-unmarked: a crash would redo up to 3 "
-            "batches instead of 2), or one long-lived fetch task per stage fed from a "
-            "queue, keeps the 32 slots busy across boundaries; larger batches amortise the "
-            "boundaries meanwhile (compare the batch sizes above)."
+            "What would reach 0.8x: the stalls are most of the gap (see 'without them' "
+            "above). Larger batches have fewer boundaries; a third fetch in flight would "
+            "cover slow stores, at the price of a fourth batch a crash can lose."
         )
