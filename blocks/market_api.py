@@ -55,7 +55,7 @@ class MarketApi(Block):
         default=16,
         ge=1,
         le=256,
-        description=("Requests in flight at once; a stage's two batches being fetched share them."),
+        description="Requests in flight at once; a stage's two batches being fetched share them.",
     )
     timeout_seconds: float = Field(
         default=30.0, gt=0, description="Per-request timeout; a timeout is retried."

@@ -104,7 +104,8 @@ class MarketApi:
         query = {k: v[0] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
         endpoint, symbol = self._route(url.path, query)
         started = self.stats.record_request(endpoint, symbol)
-        status: int | None = 500  # what the handler's crash looks like to the client
+        # A crashed handler drops the connection without a status: to the client, a reset.
+        status: int | None = None
         try:
             response = self._answer(endpoint, symbol, query)
             status = None if response.reset else response.status

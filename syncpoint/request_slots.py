@@ -35,7 +35,7 @@ class RequestSlots:
         self._free = size
         self._waiters: deque[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = deque()
         self._closed: str | None = None
-        self.most_held = 0  # the high-water mark: what tests and the bench check
+        self.most_held = 0  # the high-water mark, so a test can see the bound was reached
 
     @property
     def closed(self) -> str | None:

@@ -130,8 +130,9 @@ async def fetch_batch(source: Source, batch: Batch, slots: RequestSlots) -> Batc
                 return [], ItemOutcome.failed(item, ErrorKind.TRANSIENT, redact(str(exc)))
             except FatalApiError as exc:
                 # Stop sending at once: every further request would be refused too.
-                slots.close(redact(str(exc)))
-                return [], ItemOutcome.failed(item, ErrorKind.TRANSIENT, redact(str(exc)))
+                reason = redact(str(exc))
+                slots.close(reason)
+                return [], ItemOutcome.failed(item, ErrorKind.TRANSIENT, reason)
 
     async with source.client() as client:
         results = await asyncio.gather(*(one(client, p) for p in batch.items))

@@ -54,7 +54,6 @@ def run(bench: Bench) -> CaseResult:
         command="scripts/bench --case 6" + (" --quick" if bench.quick else ""),
     )
     seconds: dict[str, list[float]] = {"on": [], "off": []}
-    cpu: dict[str, list[float]] = {"on": [], "off": []}
     spans: dict[str, list[float]] = {"on": [], "off": []}
     runs: list[tuple[str, float]] = []  # (marks, CPU seconds) in the order they ran
     marking: list[float] = []  # share of an "on" run spent inside Ledger.mark
@@ -88,7 +87,6 @@ def run(bench: Bench) -> CaseResult:
             if report["status"] != expected or sample.requests != 2 * tickers_n:
                 raise Failed(f"case 6 marks {marks}: {report}, {sample.requests} requests")
             seconds[marks].append(report["seconds"])
-            cpu[marks].append(report["cpu_seconds"])
             runs.append((marks, report["cpu_seconds"]))
             if marks == "on":
                 marking.append(report["mark_seconds"] / report["seconds"])
@@ -99,6 +97,7 @@ def run(bench: Bench) -> CaseResult:
                 f" (CPU {report['cpu_seconds']:6.2f}s)  first->last {sample.span:6.2f}s",
                 flush=True,
             )
+    cpu = {marks: [c for m, c in runs if m == marks] for marks in ("on", "off")}
     on, off = median(seconds["on"]), median(seconds["off"])
     diff = on / off - 1
     # Adjacent runs form the pairs: ABBA order makes each pair one "on" and one "off".

@@ -179,9 +179,6 @@ def _notes(
         ratio = median(values)
         verdict = "target met" if ratio <= TARGET_RATIO else "target missed"
         stalls = median([len(s.stalls) for s in runs])
-        # Where the rest fall, from a run against a simulator recording its timeline: the
-        # prices -> valuations transition, the first stores (pandas is imported there), and
-        # boundaries where both fetches in flight ended before the next was submitted.
         where = (
             "fewer than one per batch boundary (the next batch is normally queued for the "
             "slots before one ends). A timeline of one such run puts them at the stage "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -21,11 +22,10 @@ def in_thread(body: Callable[[], Coroutine[Any, Any, Any]]) -> threading.Thread:
 
 def wait_until(condition: Callable[[], bool], what: str) -> None:
     """Poll for a state another thread reaches; the 10 s cap only turns a hang into a failure."""
-    done = threading.Event()
     for _ in range(1000):
         if condition():
             return
-        done.wait(0.01)
+        time.sleep(0.01)
     raise AssertionError(f"never happened: {what}")
 
 
