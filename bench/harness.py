@@ -29,7 +29,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from simulator import MarketSimulator
+from syncpoint.simulator import MarketSimulator
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -459,7 +459,7 @@ def machine() -> dict[str, Any]:
 
 
 # What the figures measure: a commit that only touches bench/ or the docs changes nothing.
-PRODUCT_PATHS = ("syncpoint", "flows", "tasks", "blocks", "simulator", "pyproject.toml")
+PRODUCT_PATHS = ("syncpoint", "pyproject.toml", "prefect.yaml")
 
 
 def code_version() -> dict[str, Any]:

@@ -7,7 +7,7 @@ With `--marks off`, `Ledger.mark` is a no-op for the mapped stages (prices, valu
 in this process only: the store step upserts the rows but records no checkpoint. The
 universe stage keeps its marks, because the later stages read their items from them.
 With `--marks on` the time spent inside those marks is added up (a timer around the call),
-and in both modes the time inside tasks.store.upsert. Prints JSON: the flow call's
+and in both modes the time inside syncpoint.core.store.upsert. Prints JSON: the flow call's
 wall and CPU seconds, the marks' and upserts' seconds, the run's status and requests.
 """
 
@@ -22,17 +22,17 @@ from typing import Any
 
 from sqlalchemy import Connection
 
-from syncpoint.checkpoint import ItemOutcome, Ledger
+from syncpoint.core.ledger import ItemOutcome, Ledger
 
 MARK_SECONDS = [0.0]
 UPSERT_SECONDS = [0.0]
 
 
 def time_upserts() -> None:
-    """The time the store step spends in tasks.store.upsert, added up (marks on or off)."""
-    import tasks.checkpointed_map as engine
+    """The time the store step spends in syncpoint.core.store.upsert (marks on or off)."""
+    import syncpoint.core.store as store
 
-    original = engine.upsert
+    original = store.upsert
 
     def upsert(conn: Connection, table_name: str, rows: Sequence[dict[str, Any]]) -> int:
         began = time.perf_counter()
@@ -41,7 +41,7 @@ def time_upserts() -> None:
         finally:
             UPSERT_SECONDS[0] += time.perf_counter() - began
 
-    engine.upsert = upsert
+    store.upsert = upsert
 
 
 def time_checkpoint_writes() -> None:
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     # it); here that one-off would land inside the timed call and inside the first upsert.
     import pandas  # noqa: F401
 
-    from flows.daily_sync import daily_sync
+    from syncpoint.flows.daily_sync import daily_sync
 
     started, cpu_started = time.perf_counter(), time.process_time()
     summary: dict[str, Any] = daily_sync(

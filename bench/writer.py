@@ -8,7 +8,7 @@ chunk, each chunk in its own transaction (as the engine stores one batch per tra
 or stops after the chunk that brings its write time past S seconds (the time budget of a
 slow writer; the report says how many rows it wrote):
 
-- upsert: `tasks.store.upsert(conn, "stock_prices", rows)`, syncpoint's store step;
+- upsert: `syncpoint.core.store.upsert(conn, "stock_prices", rows)`, syncpoint's store step;
 - to_sql: `pandas.DataFrame.to_sql("stock_prices", conn, if_exists="append", index=False,
   method="multi", chunksize=1000)` into the identical table;
 - executemany: a reference, not product code: one parameterised `INSERT ... ON CONFLICT DO
@@ -36,9 +36,9 @@ import pandas as pd
 from sqlalchemy import Connection, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 
-from syncpoint.db import Database
-from syncpoint.tables import stock_prices
-from tasks.store import upsert
+from syncpoint.core.db import Database
+from syncpoint.core.store import upsert
+from syncpoint.core.tables import stock_prices
 
 DAYS_PER_TICKER = 250  # about a trading year per ticker
 FIRST_DAY = date(2020, 1, 1)

@@ -15,8 +15,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from syncpoint.errors import CheckpointError, ConfigError, SyncError
-from syncpoint.interrupts import exit_code
+from syncpoint.core.errors import CheckpointError, ConfigError, SyncError
+from syncpoint.core.interrupts import exit_code
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
 EXIT_BY_STATUS = {"completed": EXIT_OK, "partial": EXIT_PARTIAL, "failed": EXIT_FAILED}
@@ -163,12 +163,12 @@ def cmd_run_daily_sync(args: argparse.Namespace) -> int:
     settings.positive("--concurrency", args.concurrency, allow_none=True)
     settings.positive("--max-items", args.max_items, allow_none=True)
     if args.tickers_file:
-        from tasks.universe import tickers_from_file
+        from syncpoint.sources.universe import tickers_from_file
 
         tickers_from_file(args.tickers_file)  # an unusable file is a usage error, now
     settings.market_api()  # validates MARKET_API_* before Prefect starts
     return _run_flow(
-        "flows.daily_sync:daily_sync",
+        "syncpoint.flows.daily_sync:daily_sync",
         {
             "run_date": day.isoformat(),
             "tickers_file": args.tickers_file,
@@ -195,7 +195,7 @@ def cmd_run_fill_cache(args: argparse.Namespace) -> int:
         raise ConfigError("--tickers goes with --ticker-source custom")
     settings.market_api()
     return _run_flow(
-        "flows.fill_cache:fill_cache",
+        "syncpoint.flows.fill_cache:fill_cache",
         {
             "ticker_source": args.ticker_source,
             "tickers": tickers or None,
@@ -221,7 +221,7 @@ def cmd_run_document_sync(args: argparse.Namespace) -> int:
             settings.run_date(value)
     settings.dip_api()  # validates DIP_API_* before Prefect starts
     return _run_flow(
-        "flows.document_sync:document_sync",
+        "syncpoint.flows.document_sync:document_sync",
         {
             "entity": args.entity,
             "all_entities": args.all,
@@ -251,7 +251,7 @@ def _run_flow(entrypoint: str, parameters: dict[str, Any], as_json: bool) -> int
 
 
 def _report(state: Any, as_json: bool) -> int:
-    from tasks.job_run import RunFailed
+    from syncpoint.engine.job_run import RunFailed
 
     if state.is_completed():
         summary = state.result()
@@ -276,7 +276,7 @@ def _report(state: Any, as_json: bool) -> int:
 
 
 def _summary_text(summary: dict[str, Any]) -> str:
-    from syncpoint.report import summary_text
+    from syncpoint.engine.report import summary_text
 
     return summary_text(summary)
 
@@ -286,14 +286,14 @@ def _summary_text(summary: dict[str, Any]) -> str:
 
 def _ledger() -> Any:
     from syncpoint import settings
-    from syncpoint.checkpoint import Ledger
+    from syncpoint.core.ledger import Ledger
 
     data = settings.database()
     return Ledger(settings.checkpoint_store().target(data).engine())
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from syncpoint.report import run_status, status_text
+    from syncpoint.engine.report import run_status, status_text
 
     ledger = _ledger()
     if args.key and args.job:
@@ -322,7 +322,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def _batch_job_status(ledger: Any, runs: list[Any], args: argparse.Namespace) -> int:
     """Seed 001's status: progress and batches of the latest run, or of --key."""
-    from syncpoint.report import batch_job_status, status_text
+    from syncpoint.engine.report import batch_job_status, status_text
 
     if not runs:
         print("{}" if args.json else f"No {args.job} runs recorded yet.")
@@ -347,7 +347,7 @@ def _batch_job_status(ledger: Any, runs: list[Any], args: argparse.Namespace) ->
 
 def _stream_status(ledger: Any, args: argparse.Namespace) -> int:
     """Each entity's checkpoint: status, window, cursor, records, watermark."""
-    from syncpoint.report import stream_status
+    from syncpoint.engine.report import stream_status
 
     rows = [stream_status(r) for r in ledger.runs(args.job, limit=1000)]
     if args.json:
@@ -368,7 +368,7 @@ def _stream_status(ledger: Any, args: argparse.Namespace) -> int:
 
 
 def cmd_checkpoints_list(args: argparse.Namespace) -> int:
-    from syncpoint.report import status_text
+    from syncpoint.engine.report import status_text
 
     ledger = _ledger()
     print(status_text(ledger, ledger.runs(args.job, limit=1000), failures=0))
@@ -376,7 +376,7 @@ def cmd_checkpoints_list(args: argparse.Namespace) -> int:
 
 
 def cmd_checkpoints_show(args: argparse.Namespace) -> int:
-    from syncpoint.report import run_status
+    from syncpoint.engine.report import run_status
 
     ledger = _ledger()
     if not args.key:
@@ -413,7 +413,7 @@ def cmd_checkpoints_reset(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from simulator import SimulatorConfig, serve
+    from syncpoint.simulator import SimulatorConfig, serve
 
     for name in ("error_rate", "rate_limit_error_rate"):
         if not 0.0 <= getattr(args, name) <= 1.0:
@@ -453,7 +453,7 @@ def _start_ephemeral_prefect() -> None:
         return
     from prefect.server.api.server import SubprocessASGIServer
 
-    from syncpoint.interrupts import sigint_blocked
+    from syncpoint.core.interrupts import sigint_blocked
 
     with sigint_blocked():
         SubprocessASGIServer().start()
@@ -470,7 +470,7 @@ class _NoTracebackForSyncErrors(logging.Filter):
 
 
 def _tame_logs() -> None:
-    from syncpoint.redact import RedactingFilter
+    from syncpoint.core.redact import RedactingFilter
 
     for name in ("prefect", "prefect.flow_runs", "prefect.task_runs", ""):
         for handler in logging.getLogger(name).handlers:
@@ -479,7 +479,7 @@ def _tame_logs() -> None:
 
 
 def _one_line(exc: BaseException) -> str:
-    from syncpoint.redact import redact
+    from syncpoint.core.redact import redact
 
     text = redact(str(exc)).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}"

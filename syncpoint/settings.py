@@ -15,14 +15,14 @@ from typing import TypeVar, cast
 
 from pydantic import SecretStr
 
-from blocks.checkpoint import CheckpointStore
-from blocks.dip_api import DipApi
-from blocks.market_api import MarketApi
-from syncpoint.checkpoint import STALE_AFTER_SECONDS
-from syncpoint.db import Database
-from syncpoint.errors import ConfigError
+from syncpoint.blocks.checkpoint import CheckpointStore
+from syncpoint.blocks.dip_api import DipApi
+from syncpoint.blocks.market_api import MarketApi
+from syncpoint.core.db import Database
+from syncpoint.core.errors import ConfigError
+from syncpoint.core.ledger import STALE_AFTER_SECONDS
 
-DEFAULT_DATABASE_FILE = "syncpoint.db"
+DEFAULT_DATABASE_FILE = "syncpoint.core.db"
 
 
 def env_int(name: str, default: int, *, minimum: int = 1) -> int:
@@ -171,7 +171,7 @@ def api_session(
     if configured is not None:
         yield configured, False
         return
-    from simulator import MarketSimulator
+    from syncpoint.simulator import MarketSimulator
 
     with MarketSimulator() as sim:
         yield kind(base_url=sim.base_url, concurrency=concurrency or 16), True

@@ -39,8 +39,8 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from simulator import MarketSimulator, SimulatorConfig
-from syncpoint.db import dispose_engines
+from syncpoint.core.db import dispose_engines
+from syncpoint.simulator import MarketSimulator, SimulatorConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 _db_counter = itertools.count()

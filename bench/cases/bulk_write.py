@@ -111,8 +111,9 @@ def run(bench: Bench) -> CaseResult:
         "Bulk write",
         setup=(
             f"Up to {rows:,} synthetic stock_prices rows in chunks of {chunk:,}, one "
-            "transaction per chunk, into an empty database per writer: `tasks.store.upsert("
-            'conn, "stock_prices", rows)` against `DataFrame.from_records(rows).to_sql('
+            "transaction per chunk, into an empty database per writer: "
+            '`syncpoint.core.store.upsert(conn, "stock_prices", rows)` against '
+            "`DataFrame.from_records(rows).to_sql("
             '"stock_prices", conn, if_exists="append", index=False, method="multi", '
             "chunksize=1000)` into the identical table (same engine, same schema). "
             "PostgreSQL 16 from the pgserver wheel (Unix socket) and SQLite (WAL, "

@@ -27,7 +27,7 @@ from bench.harness import (
     tickers_file,
     watched,
 )
-from simulator import MarketSimulator, SimulatorConfig
+from syncpoint.simulator import MarketSimulator, SimulatorConfig
 
 LATENCY_MS = 20
 CONCURRENCY = 32
@@ -57,7 +57,7 @@ def run(bench: Bench) -> CaseResult:
     spans: dict[str, list[float]] = {"on": [], "off": []}
     runs: list[tuple[str, float]] = []  # (marks, CPU seconds) in the order they ran
     marking: list[float] = []  # share of an "on" run spent inside Ledger.mark
-    upserting: list[float] = []  # share of any run spent inside tasks.store.upsert
+    upserting: list[float] = []  # share of any run spent inside syncpoint.core.store.upsert
     pattern = ["on", "off", "off", "on"]
     order = [pattern[i % 4] for i in range(2 * reps)]
     with MarketSimulator(SimulatorConfig(latency_ms=LATENCY_MS)) as sim:
@@ -120,7 +120,7 @@ def run(bench: Bench) -> CaseResult:
         "time inside Ledger.mark, share of an on run", spread([100 * m for m in marking], "%")
     )
     result.add(
-        "for scale: time inside tasks.store.upsert, share of a run",
+        "for scale: time inside syncpoint.core.store.upsert, share of a run",
         spread([100 * u for u in upserting], "%"),
     )
     batches = 2 * -(-tickers_n // BATCH_SIZE)

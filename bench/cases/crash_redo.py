@@ -29,7 +29,7 @@ from bench.harness import (
     tickers_file,
     watched,
 )
-from simulator import MarketSimulator, SimulatorConfig
+from syncpoint.simulator import MarketSimulator, SimulatorConfig
 
 LATENCY_MS = 20
 CONCURRENCY = 32
@@ -76,7 +76,7 @@ def _kill_when(
 
 def run(bench: Bench) -> CaseResult:
     # Here, not at the top: the bench driver itself never imports Prefect.
-    from tasks.checkpointed_map import FETCHES_IN_FLIGHT, UNMARKED_BATCHES_AT_MOST
+    from syncpoint.engine.batch_map import FETCHES_IN_FLIGHT, UNMARKED_BATCHES_AT_MOST
 
     tickers_n = 150 if bench.quick else 1000
     batch = 30 if bench.quick else BATCH_SIZE

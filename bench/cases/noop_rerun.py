@@ -29,7 +29,7 @@ from bench.harness import (
     tickers_file,
     watched,
 )
-from simulator import MarketSimulator, SimulatorConfig
+from syncpoint.simulator import MarketSimulator, SimulatorConfig
 
 BATCH_SIZE = 250
 CONCURRENCY = 32
@@ -192,7 +192,7 @@ def run(bench: Bench) -> CaseResult:
     if ours > TARGET_SECONDS:
         result.notes.append(
             f"Target missed by {ours - TARGET_SECONDS:.2f}s. What would reach it: the "
-            "imports are most of it; import the stage machinery (tasks.checkpointed_map, "
+            "imports are most of it; import the stage machinery (syncpoint.engine.batch_map, "
             "the sources) inside the stages rather than at module import, so the no-op "
             "path does not pay for them. Rerun first: the yardstick is noisy."
         )

@@ -20,7 +20,7 @@ from bench.harness import (
     tickers_file,
     watched,
 )
-from simulator import MarketSimulator, SimulatorConfig
+from syncpoint.simulator import MarketSimulator, SimulatorConfig
 
 LIMIT_PER_MINUTE = 6000
 LATENCY_MS = 20

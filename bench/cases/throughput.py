@@ -22,7 +22,7 @@ from bench.harness import (
     tickers_file,
     watched,
 )
-from simulator import MarketSimulator, SimulatorConfig
+from syncpoint.simulator import MarketSimulator, SimulatorConfig
 
 LATENCY_MS = 20
 CONCURRENCY = 32

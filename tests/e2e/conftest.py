@@ -15,7 +15,7 @@ from uuid import UUID
 import pytest
 import sqlalchemy as sa
 
-from simulator import MarketSimulator, SimulatorConfig
+from syncpoint.simulator import MarketSimulator, SimulatorConfig
 from tests.e2e.harness import (
     DEPLOYMENT,
     POOL,

@@ -30,7 +30,7 @@ from uuid import UUID
 import httpx
 import psutil
 
-from simulator import MarketSimulator
+from syncpoint.simulator import MarketSimulator
 
 ROOT = Path(__file__).resolve().parents[2]
 PREFECT = str(Path(sys.executable).with_name("prefect"))

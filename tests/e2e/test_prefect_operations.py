@@ -20,8 +20,8 @@ from uuid import UUID
 import pytest
 import sqlalchemy as sa
 
-from simulator import FaultKind, MarketSimulator
-from tasks.checkpointed_map import FETCHES_IN_FLIGHT, UNMARKED_BATCHES_AT_MOST
+from syncpoint.engine.batch_map import FETCHES_IN_FLIGHT, UNMARKED_BATCHES_AT_MOST
+from syncpoint.simulator import FaultKind, MarketSimulator
 from tests.e2e.harness import (
     CHROMIUM,
     DCF,

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from simulator import MarketSimulator, SimulatorConfig
+from syncpoint.simulator import MarketSimulator, SimulatorConfig
 from tests.conftest import dispose_engines, tickers_file
 
 DAY = "2026-11-20"
@@ -37,7 +37,7 @@ def slow_timed_market(
 def test_next_batch_fills_the_slots_the_current_tail_frees(
     slow_timed_market: MarketSimulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from flows.daily_sync import daily_sync
+    from syncpoint.flows.daily_sync import daily_sync
 
     sim = slow_timed_market
     tickers = list(sim.data.symbols[:24])

@@ -9,9 +9,9 @@ from pathlib import Path
 import sqlalchemy as sa
 from pydantic import SecretStr
 
-from blocks import CheckpointStore, MarketApi
-from flows.daily_sync import daily_sync
-from simulator import MarketSimulator, SimulatorConfig
+from syncpoint.blocks import CheckpointStore, MarketApi
+from syncpoint.flows.daily_sync import daily_sync
+from syncpoint.simulator import MarketSimulator, SimulatorConfig
 from tests.conftest import ROOT, cli_env, table_rows, tickers_file
 
 KEY = "block-key-4f1d9c"

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from simulator import MarketSimulator, SimulatorConfig
-from tasks.checkpointed_map import UNMARKED_BATCHES_AT_MOST
+from syncpoint.engine.batch_map import UNMARKED_BATCHES_AT_MOST
+from syncpoint.simulator import MarketSimulator, SimulatorConfig
 from tests.conftest import cli_env, run_cli, table_rows, tickers_file
 
 DAY = "2026-11-20"
@@ -73,7 +73,7 @@ def test_max_items_partial_exit_3_then_completed_then_noop(
     assert again.returncode == 0
     assert "already complete" in again.stdout
     assert market.stats()["requests"] == 0
-    assert len(table_rows(f"sqlite:///{tmp_path / 'syncpoint.db'}", "dcf_valuations")) == 12
+    assert len(table_rows(f"sqlite:///{tmp_path / 'syncpoint.core.db'}", "dcf_valuations")) == 12
 
 
 def _done_items(db: Path) -> int:
@@ -118,13 +118,13 @@ def test_sigkill_mid_run_then_rerun_matches_an_uninterrupted_run(
         stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 120
-    while _done_items(killed_dir / "syncpoint.db") < 3 * batch:
+    while _done_items(killed_dir / "syncpoint.core.db") < 3 * batch:
         assert proc.poll() is None, "the run ended before it could be killed"
         assert time.monotonic() < deadline, "no progress to kill"
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    settled_at_kill = _done_items(killed_dir / "syncpoint.db")
+    settled_at_kill = _done_items(killed_dir / "syncpoint.core.db")
     assert settled_at_kill < len(tickers)
 
     resumed = run_cli(args, env, killed_dir)
@@ -136,8 +136,8 @@ def test_sigkill_mid_run_then_rerun_matches_an_uninterrupted_run(
     clean = run_cli(args, env, clean_dir)
     assert clean.returncode == 0
 
-    killed_db = f"sqlite:///{killed_dir / 'syncpoint.db'}"
-    clean_db = f"sqlite:///{clean_dir / 'syncpoint.db'}"
+    killed_db = f"sqlite:///{killed_dir / 'syncpoint.core.db'}"
+    clean_db = f"sqlite:///{clean_dir / 'syncpoint.core.db'}"
     assert table_rows(killed_db, "stock_prices") == table_rows(clean_db, "stock_prices")
     cols = "ticker, date, dcf, stock_price"
     assert table_rows(killed_db, "dcf_valuations", cols) == table_rows(
@@ -156,7 +156,7 @@ def test_readme_demo_uses_the_builtin_api_and_a_rerun_is_a_noop(
     assert first.returncode == 0, first.stdout + first.stderr
     assert "COMPLETED" in first.stdout
     assert "1001 API requests" in first.stdout  # sp500 list + 500 x (prices, valuation)
-    assert len(table_rows(f"sqlite:///{tmp_path / 'syncpoint.db'}", "dcf_valuations")) == 500
+    assert len(table_rows(f"sqlite:///{tmp_path / 'syncpoint.core.db'}", "dcf_valuations")) == 500
 
     second = run_cli(["run", "daily-sync"], env, tmp_path)
     assert second.returncode == 0

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from flows.daily_sync import daily_sync
-from simulator import MarketSimulator
-from tasks.job_run import RunFailed
+from syncpoint.engine.job_run import RunFailed
+from syncpoint.flows.daily_sync import daily_sync
+from syncpoint.simulator import MarketSimulator
 from tests.conftest import table_rows, tickers_file
 
 DAY = "2026-11-20"  # a Friday: the window 15th..20th holds five weekdays
@@ -147,7 +147,7 @@ def test_failing_stage_does_not_stop_the_next_and_rerun_reuses_fetched_batches(
     with engine.begin() as conn:
         conn.execute(sa.text("DROP TABLE stock_prices"))
     engine.dispose()
-    from syncpoint.db import dispose_engines
+    from syncpoint.core.db import dispose_engines
 
     dispose_engines()  # the next run recreates the table with the real schema
     second = run(database_url, file, batch_size=10)

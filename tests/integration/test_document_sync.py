@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from simulator import FaultKind, MarketSimulator, SimulatorConfig
+from syncpoint.simulator import FaultKind, MarketSimulator, SimulatorConfig
 from tests.conftest import cli_env, run_cli
 from tests.reliability.test_interrupts import start
 

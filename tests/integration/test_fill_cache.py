@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from simulator import FaultKind, MarketSimulator, SimulatorConfig
-from tasks.checkpointed_map import UNMARKED_BATCHES_AT_MOST
+from syncpoint.engine.batch_map import UNMARKED_BATCHES_AT_MOST
+from syncpoint.simulator import FaultKind, MarketSimulator, SimulatorConfig
 from tests.conftest import cli_env, run_cli
 from tests.reliability.test_interrupts import done_items, start
 

@@ -11,9 +11,9 @@ from uuid import UUID
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
-from flows.daily_sync import daily_sync
-from simulator import FaultKind, MarketSimulator
-from syncpoint.run_page import artifact_key
+from syncpoint.engine.run_page import artifact_key
+from syncpoint.flows.daily_sync import daily_sync
+from syncpoint.simulator import FaultKind, MarketSimulator
 from tests.conftest import tickers_file
 
 

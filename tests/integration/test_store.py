@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from syncpoint.db import Database
-from tasks.store import COPY_FROM_ROWS, cached_tickers, upsert
+from syncpoint.core.db import Database
+from syncpoint.core.store import COPY_FROM_ROWS, cached_tickers, upsert
 from tests.conftest import table_rows
 
 

@@ -25,8 +25,8 @@ from typing import Any
 
 import pytest
 
-from simulator import MarketSimulator, SimulatorConfig
-from tasks.checkpointed_map import UNMARKED_BATCHES_AT_MOST
+from syncpoint.engine.batch_map import UNMARKED_BATCHES_AT_MOST
+from syncpoint.simulator import MarketSimulator, SimulatorConfig
 from tests.conftest import cli_env, run_cli, table_rows, tickers_file
 
 DAY = "2026-11-20"

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from simulator import MarketSimulator
+from syncpoint.simulator import MarketSimulator
 from tests.conftest import cli_env, run_cli, tickers_file
 
 DAY = "2026-11-20"

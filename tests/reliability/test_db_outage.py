@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from simulator import MarketSimulator, SimulatorConfig
-from tasks.checkpointed_map import UNMARKED_BATCHES_AT_MOST
+from syncpoint.engine.batch_map import UNMARKED_BATCHES_AT_MOST
+from syncpoint.simulator import MarketSimulator, SimulatorConfig
 from tests.conftest import cli_env, run_cli, tickers_file
 from tests.reliability.test_interrupts import start
 

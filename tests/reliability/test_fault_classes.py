@@ -20,10 +20,10 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from blocks.market_api import MarketApi
-from simulator import MarketSimulator, SimulatorConfig
-from syncpoint.checkpoint import ItemStatus, Ledger
-from syncpoint.db import dispose_engines
+from syncpoint.blocks.market_api import MarketApi
+from syncpoint.core.db import dispose_engines
+from syncpoint.core.ledger import ItemStatus, Ledger
+from syncpoint.simulator import MarketSimulator, SimulatorConfig
 from tests.conftest import cli_env, run_cli, table_rows, tickers_file
 
 DAY = "2026-11-20"  # a Friday: the default 5-day price window holds five weekdays
@@ -155,7 +155,7 @@ def mixed(prefect_api: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         status = _status_json(env, workdir)
         yield MixedRun(
             sim,
-            f"sqlite:///{workdir / 'syncpoint.db'}",
+            f"sqlite:///{workdir / 'syncpoint.core.db'}",
             faulted,
             healthy,
             result,
@@ -278,7 +278,7 @@ def test_persistent_server_error_is_partial_then_the_next_run_fetches_only_it(
         assert stats["requests"] == 2
     assert _status_json(env, tmp_path)[0]["status"] == "completed"
     assert broken in {
-        r[0] for r in table_rows(f"sqlite:///{tmp_path / 'syncpoint.db'}", "dcf_valuations")
+        r[0] for r in table_rows(f"sqlite:///{tmp_path / 'syncpoint.core.db'}", "dcf_valuations")
     }
 
 
@@ -351,7 +351,7 @@ def test_refused_key_stops_the_run_at_once(
 def test_timeouts_are_retried_and_a_persistent_one_is_transient(
     prefect_api: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from flows.daily_sync import daily_sync
+    from syncpoint.flows.daily_sync import daily_sync
 
     url = f"sqlite:///{tmp_path / 'sync.db'}"
     monkeypatch.setenv("SYNCPOINT_DATABASE_URL", url)

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from simulator import MarketSimulator, SimulatorConfig
-from tasks.checkpointed_map import UNMARKED_BATCHES_AT_MOST
+from syncpoint.engine.batch_map import UNMARKED_BATCHES_AT_MOST
+from syncpoint.simulator import MarketSimulator, SimulatorConfig
 from tests.conftest import cli_env, run_cli, tickers_file
 
 DAY = "2026-11-20"  # Friday: five weekdays of prices

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from simulator import MarketSimulator, SimulatorConfig
-from syncpoint.checkpoint import Ledger, RunBusy, RunStatus
-from syncpoint.db import Database
+from syncpoint.core.db import Database
+from syncpoint.core.ledger import Ledger, RunBusy, RunStatus
+from syncpoint.simulator import MarketSimulator, SimulatorConfig
 from tests.conftest import cli_env, run_cli, tickers_file
 from tests.reliability.test_interrupts import start, wait_for_progress
 

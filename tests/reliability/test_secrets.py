@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from simulator import MarketSimulator, SimulatorConfig
+from syncpoint.simulator import MarketSimulator, SimulatorConfig
 from tests.conftest import cli_env, run_cli, tickers_file
 
 SECRET = "mkt-SECRET-k3y-9f41c07be2d8"
@@ -36,7 +36,7 @@ DAY = "2026-11-20"
 DAY_401 = "2026-11-19"
 
 # Log everything an operator might switch on: Prefect at DEBUG, the root at INFO (httpx
-# logs every request URL, syncpoint.http every retry), and those libraries' loggers
+# logs every request URL, syncpoint.core.http every retry), and those libraries' loggers
 # shipped to the Prefect API as well.
 VERBOSE = {
     "PREFECT_LOGGING_LEVEL": "DEBUG",
@@ -237,7 +237,7 @@ def keyed_runs(prefect_api: str, tmp_path_factory: pytest.TempPathFactory) -> Ke
         result = run_cli(args, env, workdir)
         assert result.returncode == 0, result.stderr
         evidence.add(where, result)
-    evidence.texts["database rows"] = sqlite_rows_text(workdir / "syncpoint.db")
+    evidence.texts["database rows"] = sqlite_rows_text(workdir / "syncpoint.core.db")
     return KeyedRuns(workdir, evidence, since, stats)
 
 
@@ -306,7 +306,7 @@ def pg_url_with_password(pg_root_url: str) -> Iterator[str]:
     engine.dispose()
     url = root.set(username=name, password=DB_PASSWORD, database=name)
     yield url.render_as_string(hide_password=False)
-    from syncpoint.db import dispose_engines
+    from syncpoint.core.db import dispose_engines
 
     dispose_engines()
 

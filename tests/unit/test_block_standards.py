@@ -6,7 +6,7 @@ import pytest
 from prefect.blocks.core import Block
 from prefect.testing.standard_test_suites import BlockStandardTestSuite
 
-from blocks import CheckpointStore, DipApi, MarketApi
+from syncpoint.blocks import CheckpointStore, DipApi, MarketApi
 
 
 @pytest.mark.parametrize("block", [CheckpointStore, DipApi, MarketApi])

@@ -10,9 +10,9 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
-from syncpoint.errors import ApiError, FatalApiError, ItemError, RetriableApiError
-from syncpoint.http import ApiClient, RetryPolicy, parse_retry_after
-from syncpoint.rate_limit import RateLimiter
+from syncpoint.core.errors import ApiError, FatalApiError, ItemError, RetriableApiError
+from syncpoint.core.http import ApiClient, RetryPolicy, parse_retry_after
+from syncpoint.core.rate_limit import RateLimiter
 
 KEY = "sekrit-KEY-123"
 

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from syncpoint.rate_limit import RateLimiter, drop_limiter, shared_limiter
+from syncpoint.core.rate_limit import RateLimiter, drop_limiter, shared_limiter
 
 
 class FakeTime:

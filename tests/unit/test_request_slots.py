@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from syncpoint.request_slots import RequestSlots
+from syncpoint.core.request_slots import RequestSlots
 
 
 def in_thread(body: Callable[[], Coroutine[Any, Any, Any]]) -> threading.Thread:

@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-from simulator import MarketSimulator, SimulatorConfig
+from syncpoint.simulator import MarketSimulator, SimulatorConfig
 
 EOD = "/stable/historical-price-eod/full"
 DCF = "/stable/discounted-cash-flow"
@@ -520,7 +520,8 @@ def test_config_is_validated() -> None:
 
 def test_serve_announces_url_and_exits_cleanly_on_sigterm() -> None:
     code = (
-        "from simulator import SimulatorConfig, serve; serve(SimulatorConfig(stock_list_size=500))"
+        "from syncpoint.simulator import SimulatorConfig, serve; "
+        "serve(SimulatorConfig(stock_list_size=500))"
     )
     proc = subprocess.Popen(
         [sys.executable, "-c", code],

@@ -14,9 +14,9 @@ from typing import Any
 import httpx
 import pytest
 
-from simulator import MarketSimulator, SimulatorConfig
-from simulator.__main__ import parse_args
-from simulator.dip import DIP_TZ, ENTITIES, encode_cursor
+from syncpoint.simulator import MarketSimulator, SimulatorConfig
+from syncpoint.simulator.__main__ import parse_args
+from syncpoint.simulator.dip import DIP_TZ, ENTITIES, encode_cursor
 
 AS_OF = date(2025, 6, 30)
 RECORDS = 250

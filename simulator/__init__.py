@@ -1,9 +1,0 @@
-"""A built-in FMP-style market API over real HTTP, for the demo, the tests and benchmarks."""
-
-from __future__ import annotations
-
-from simulator.config import SimulatorConfig
-from simulator.faults import FaultKind
-from simulator.server import MarketSimulator, serve
-
-__all__ = ["FaultKind", "MarketSimulator", "SimulatorConfig", "serve"]

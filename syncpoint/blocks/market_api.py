@@ -1,0 +1,76 @@
+"""The market data API (FMP "stable" style): where it is, the key, and how hard to push it."""
+
+from __future__ import annotations
+
+from prefect.blocks.core import Block
+from pydantic import Field, HttpUrl, SecretStr
+
+from syncpoint.core.http import ApiClient, RetryPolicy
+from syncpoint.core.rate_limit import shared_limiter
+
+
+class MarketApi(Block):
+    """Connection settings for a market data API serving FMP's /stable endpoints.
+
+    Every request of a process to the same base URL shares one rate limiter, so the
+    whole run paces itself below `requests_per_minute` before the API answers 429.
+
+    Example:
+        Load a saved block and open a client:
+        ```python
+        from syncpoint.blocks.market_api import MarketApi
+
+        api = MarketApi.load("BLOCK_NAME")
+        async with api.client() as client:
+            rows = await client.get_json("/stable/sp500-constituent")
+        ```
+    """
+
+    _block_type_name = "Syncpoint Market API"
+    _block_type_slug = "syncpoint-market-api"
+    _description = "Base URL, key and pacing for the market data API syncpoint reads."
+    _documentation_url = HttpUrl("https://github.com/syncpoint/syncpoint#configuration")
+
+    base_url: str = Field(
+        default="https://financialmodelingprep.com",
+        description="Root URL of the API; requests go to <base_url>/stable/<endpoint>.",
+    )
+    api_key: SecretStr | None = Field(
+        default=None,
+        description="API key, sent as the apikey query parameter and never logged.",
+    )
+    requests_per_minute: float | None = Field(
+        default=None,
+        gt=0,
+        description="Pace this process's requests to this many per minute; empty: unlimited.",
+    )
+    global_rate_limit: str | None = Field(
+        default=None,
+        description=(
+            "Name of a Prefect global concurrency limit with slot decay; every request takes "
+            "a slot, so runs on different workers share one requests-per-minute budget."
+        ),
+    )
+    concurrency: int = Field(
+        default=16,
+        ge=1,
+        le=256,
+        description="Requests in flight at once; a stage's two batches being fetched share them.",
+    )
+    timeout_seconds: float = Field(
+        default=30.0, gt=0, description="Per-request timeout; a timeout is retried."
+    )
+    max_attempts: int = Field(
+        default=5, ge=1, le=20, description="Attempts per request for retriable failures."
+    )
+
+    def client(self) -> ApiClient:
+        """A new async client; open it with `async with`."""
+        return ApiClient(
+            self.base_url,
+            api_key=self.api_key,
+            concurrency=self.concurrency,
+            limiter=shared_limiter(self.base_url, self.requests_per_minute, self.global_rate_limit),
+            policy=RetryPolicy(attempts=self.max_attempts),
+            timeout=self.timeout_seconds,
+        )

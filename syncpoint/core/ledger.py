@@ -1,0 +1,665 @@
+"""The checkpoint ledger: runs and one row per (run, stage, item). All checkpoint I/O.
+
+A run is (job, run key), e.g. ("daily-sync", "2026-11-20"). Its state is versioned JSON,
+validated on every load; a row that fails validation is a CheckpointError naming the
+command that resets it, never a half-understood resume.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import (
+    Connection,
+    Engine,
+    RowMapping,
+    and_,
+    bindparam,
+    delete,
+    func,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.exc import IntegrityError
+
+from syncpoint.core.errors import CheckpointError
+from syncpoint.core.tables import sync_items, sync_runs
+
+CHECKPOINT_VERSION = 1
+# A running run whose heartbeat is older than this is presumed dead and taken over.
+STALE_AFTER_SECONDS = 120.0
+_INSERT_CHUNK = 1000
+
+
+class RunStatus(StrEnum):
+    RUNNING = "running"
+    PARTIAL = "partial"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+class ItemStatus(StrEnum):
+    PENDING = "pending"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class ErrorKind(StrEnum):
+    PERMANENT = "permanent"
+    TRANSIENT = "transient"
+
+
+def reset_command(job: str, run_key: str) -> str:
+    return f"syncpoint checkpoints reset {job} --key {run_key}"
+
+
+class RunBusy(CheckpointError):
+    """Another live process is working on this run."""
+
+
+def new_owner() -> str:
+    """host:pid:token — who holds a run, precise enough to tell a dead holder."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+# Owners held by live JobRuns of this process: a run left 'running' by an earlier,
+# abandoned attempt in the same process is not mistaken for a live one.
+_live_owners: set[str] = set()
+_live_lock = threading.Lock()
+
+
+def _holder_is_alive(owner: str | None) -> bool | None:
+    """True/False when it can be told from here (same host), None otherwise."""
+    if not owner or owner.count(":") < 2:
+        return None
+    host, pid_text, _token = owner.rsplit(":", 2)
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return None
+    pid = int(pid_text)
+    if pid == os.getpid():
+        with _live_lock:
+            return owner in _live_owners
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass(frozen=True)
+class Claim:
+    """The run an invocation works on, and how it came to it."""
+
+    run: Run
+    resumed: bool
+    took_over: str | None = None  # the dead holder of a run left 'running'
+
+
+@dataclass(frozen=True)
+class RunState:
+    """The JSON document stored with a run; its shape is the checkpoint version."""
+
+    job: str
+    run_key: str
+    stages: list[str]
+    params: dict[str, Any] = field(default_factory=dict)
+    summary: dict[str, Any] | None = None
+    # Cursor streams (document-sync): cursor, window and counts; None for item jobs.
+    stream: dict[str, Any] | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True, default=str)
+
+    @classmethod
+    def from_json(cls, text: str) -> RunState:
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError("state is not a JSON object")
+        missing = {"job", "run_key", "stages"} - data.keys()
+        if missing:
+            raise ValueError(f"state lacks {sorted(missing)}")
+        stages = data["stages"]
+        if not isinstance(stages, list) or not all(isinstance(s, str) for s in stages):
+            raise ValueError("state.stages is not a list of names")
+        params = data.get("params") or {}
+        summary = data.get("summary")
+        stream = data.get("stream")
+        if not isinstance(params, dict) or not all(
+            v is None or isinstance(v, dict) for v in (summary, stream)
+        ):
+            raise ValueError("state.params/summary/stream are not objects")
+        return cls(str(data["job"]), str(data["run_key"]), stages, params, summary, stream)
+
+
+@dataclass(frozen=True)
+class Run:
+    run_id: str
+    job: str
+    run_key: str
+    status: RunStatus
+    created_at: datetime
+    updated_at: datetime
+    heartbeat_at: datetime
+    finished_at: datetime | None
+    state: RunState
+
+    @property
+    def finished(self) -> bool:
+        return self.status is RunStatus.COMPLETED
+
+
+@dataclass(frozen=True)
+class PendingItem:
+    item: str
+    attempts: int
+
+
+@dataclass(frozen=True)
+class ItemOutcome:
+    """What one batch learnt about one item; every item of a batch gets one."""
+
+    item: str
+    status: ItemStatus
+    error_kind: ErrorKind | None = None
+    error: str | None = None
+
+    @classmethod
+    def done(cls, item: str) -> ItemOutcome:
+        return cls(item, ItemStatus.DONE)
+
+    @classmethod
+    def failed(cls, item: str, kind: ErrorKind, error: str) -> ItemOutcome:
+        return cls(item, ItemStatus.FAILED, kind, error[:1000])
+
+
+@dataclass(frozen=True)
+class StageCounts:
+    total: int = 0
+    done: int = 0
+    failed: int = 0  # permanently: not retried by later runs
+    retrying: int = 0  # transient failures: the next run tries them again
+    untouched: int = 0
+
+    @property
+    def pending(self) -> int:
+        return self.retrying + self.untouched
+
+    @property
+    def settled(self) -> int:
+        return self.done + self.failed
+
+
+@dataclass(frozen=True)
+class ItemFailure:
+    stage: str
+    item: str
+    error_kind: str
+    attempts: int
+    error: str
+    batch_no: int | None
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    # SQLite hands back naive datetimes even for timezone=True columns.
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
+class Ledger:
+    """Reads and writes checkpoints in one database."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    # --- runs -------------------------------------------------------------------------
+
+    def latest(self, job: str, run_key: str) -> Run | None:
+        row = self._latest_row(job, run_key)
+        return None if row is None else self._load(row)
+
+    def open(
+        self,
+        job: str,
+        run_key: str,
+        *,
+        stages: Sequence[str],
+        params: dict[str, Any],
+        fresh: bool,
+        owner: str,
+        stale_after: float = STALE_AFTER_SECONDS,
+        reopen: bool = False,
+    ) -> Claim:
+        """Claim the run (job, run key) for `owner`: resume it, start it, or refuse.
+
+        One process at a time: a run another live process holds raises RunBusy; one left
+        'running' by a dead process (its pid gone, or its heartbeat older than
+        `stale_after`) is taken over. A completed run is returned unclaimed (nothing to
+        do) unless `reopen` asks to work on it again, e.g. to retry its failed items.
+        """
+        row = self._latest_row(job, run_key)
+        took_over = self._refuse_if_live(row, stale_after)
+        if fresh and row is not None:
+            self.delete(job, run_key)
+            row = None
+        if row is None:
+            return Claim(self._create(job, run_key, stages, params, owner), resumed=False)
+        run = self._load(row)  # validates: a corrupt checkpoint stops here, by name
+        if run.status is RunStatus.COMPLETED and not reopen:
+            return Claim(run, resumed=True)
+        now = _now()
+        with self.engine.begin() as conn:
+            # Compare-and-set on what we read: of two racing starts, one wins.
+            claimed = conn.execute(
+                update(sync_runs)
+                .where(
+                    sync_runs.c.run_id == run.run_id,
+                    sync_runs.c.status == row["status"],
+                    sync_runs.c.heartbeat_at == row["heartbeat_at"],
+                )
+                .values(
+                    status=RunStatus.RUNNING.value,
+                    owner=owner,
+                    heartbeat_at=now,
+                    updated_at=now,
+                    finished_at=None,
+                )
+            ).rowcount
+        if not claimed:
+            raise RunBusy(f"{job} {run_key} was claimed by another process just now")
+        self._hold(owner)
+        return Claim(self.get(run.run_id), resumed=True, took_over=took_over)
+
+    def ensure_idle(self, job: str, run_key: str, stale_after: float = STALE_AFTER_SECONDS) -> None:
+        """Raise RunBusy if a live process works on (job, run key) right now."""
+        self._refuse_if_live(self._latest_row(job, run_key), stale_after)
+
+    def _refuse_if_live(self, row: RowMapping | None, stale_after: float) -> str | None:
+        """RunBusy if `row` is held by a live process; its dead holder's name if stale."""
+        if row is None or row["status"] != RunStatus.RUNNING.value:
+            return None
+        age = (_now() - (_aware(row["heartbeat_at"]) or _now())).total_seconds()
+        alive = _holder_is_alive(row["owner"])
+        if alive or (alive is None and age < stale_after):
+            raise RunBusy(
+                f"{row['job']} {row['run_key']} is already running "
+                f"({row['owner'] or 'unknown process'}, heartbeat {age:.0f}s ago). Wait for it "
+                f"to finish; if that process is gone, the run is taken over once its "
+                f"heartbeat is {stale_after:.0f}s old."
+            )
+        return str(row["owner"] or "unknown process")
+
+    def release(self, owner: str) -> None:
+        """This process no longer works on the runs `owner` claimed."""
+        with _live_lock:
+            _live_owners.discard(owner)
+
+    def _hold(self, owner: str) -> None:
+        with _live_lock:
+            _live_owners.add(owner)
+
+    def _create(
+        self, job: str, run_key: str, stages: Sequence[str], params: dict[str, Any], owner: str
+    ) -> Run:
+        now = _now()
+        state = RunState(job, run_key, list(stages), dict(params))
+        run_id = str(uuid.uuid4())
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(
+                    insert(sync_runs).values(
+                        run_id=run_id,
+                        job=job,
+                        run_key=run_key,
+                        status=RunStatus.RUNNING.value,
+                        version=CHECKPOINT_VERSION,
+                        state=state.to_json(),
+                        created_at=now,
+                        updated_at=now,
+                        heartbeat_at=now,
+                        owner=owner,
+                    )
+                )
+        except IntegrityError:
+            raise RunBusy(f"{job} {run_key} was started by another process just now") from None
+        self._hold(owner)
+        return self.get(run_id)
+
+    def _latest_row(self, job: str, run_key: str) -> RowMapping | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(sync_runs).where(sync_runs.c.job == job, sync_runs.c.run_key == run_key)
+            ).first()
+        return None if row is None else row._mapping
+
+    def get(self, run_id: str) -> Run:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(sync_runs).where(sync_runs.c.run_id == run_id)).first()
+        if row is None:
+            raise CheckpointError(f"no checkpoint with run id {run_id}")
+        return self._load(row._mapping)
+
+    def runs(self, job: str | None = None, limit: int = 20) -> list[Run | CheckpointError]:
+        """Newest first; a run that fails validation is listed as its error."""
+        query = select(sync_runs).order_by(sync_runs.c.created_at.desc()).limit(limit)
+        if job is not None:
+            query = query.where(sync_runs.c.job == job)
+        with self.engine.connect() as conn:
+            rows = conn.execute(query).all()
+        out: list[Run | CheckpointError] = []
+        for row in rows:
+            try:
+                out.append(self._load(row._mapping))
+            except CheckpointError as exc:
+                out.append(exc)
+        return out
+
+    def set_status(
+        self, run_id: str, status: RunStatus, summary: dict[str, Any] | None = None
+    ) -> None:
+        now = _now()
+        values: dict[str, Any] = {"status": status.value, "updated_at": now, "heartbeat_at": now}
+        values["finished_at"] = now if status is not RunStatus.RUNNING else None
+        if summary is not None:
+            values["state"] = replace(self.get(run_id).state, summary=summary).to_json()
+        with self.engine.begin() as conn:
+            conn.execute(update(sync_runs).where(sync_runs.c.run_id == run_id).values(**values))
+
+    def save_stream(self, conn: Connection, run_id: str, stream: dict[str, Any]) -> None:
+        """Record a cursor stream's position on `conn`: the caller's transaction, after its
+        data, so the saved cursor never runs ahead of the stored records."""
+        text = conn.execute(select(sync_runs.c.state).where(sync_runs.c.run_id == run_id)).scalar()
+        if text is None:
+            raise CheckpointError(f"no checkpoint with run id {run_id}")
+        state = replace(RunState.from_json(text), stream=dict(stream))
+        now = _now()
+        conn.execute(
+            update(sync_runs)
+            .where(sync_runs.c.run_id == run_id)
+            .values(state=state.to_json(), updated_at=now, heartbeat_at=now)
+        )
+
+    def heartbeat(self, run_id: str, owner: str) -> bool:
+        """Refresh the run's heartbeat; False if `owner` no longer holds it."""
+        with self.engine.begin() as conn:
+            return bool(
+                conn.execute(
+                    update(sync_runs)
+                    .where(
+                        sync_runs.c.run_id == run_id,
+                        sync_runs.c.owner == owner,
+                        sync_runs.c.status == RunStatus.RUNNING.value,
+                    )
+                    .values(heartbeat_at=_now())
+                ).rowcount
+            )
+
+    def delete(self, job: str, run_key: str | None = None) -> int:
+        """Remove checkpoints (runs and their items); returns how many runs went."""
+        cond = sync_runs.c.job == job
+        if run_key is not None:
+            cond = and_(cond, sync_runs.c.run_key == run_key)
+        with self.engine.begin() as conn:
+            ids = [r[0] for r in conn.execute(select(sync_runs.c.run_id).where(cond))]
+            for start in range(0, len(ids), _INSERT_CHUNK):
+                chunk = ids[start : start + _INSERT_CHUNK]
+                conn.execute(delete(sync_items).where(sync_items.c.run_id.in_(chunk)))
+                conn.execute(delete(sync_runs).where(sync_runs.c.run_id.in_(chunk)))
+        return len(ids)
+
+    def expire(self, older_than_days: int) -> int:
+        """Drop completed checkpoints finished more than `older_than_days` ago."""
+        cutoff = _now() - timedelta(days=older_than_days)
+        with self.engine.begin() as conn:
+            ids = [
+                r[0]
+                for r in conn.execute(
+                    select(sync_runs.c.run_id).where(
+                        sync_runs.c.status == RunStatus.COMPLETED.value,
+                        sync_runs.c.finished_at < cutoff,
+                    )
+                )
+            ]
+            if ids:
+                conn.execute(delete(sync_items).where(sync_items.c.run_id.in_(ids)))
+                conn.execute(delete(sync_runs).where(sync_runs.c.run_id.in_(ids)))
+        return len(ids)
+
+    def _load(self, row: Any) -> Run:
+        job, run_key, run_id = row["job"], row["run_key"], row["run_id"]
+
+        def corrupt(why: str) -> CheckpointError:
+            return CheckpointError(
+                f"checkpoint for {job} {run_key} (run {run_id}) is unusable: {why}. "
+                f"Reset it with: {reset_command(job, run_key)}"
+            )
+
+        if row["version"] != CHECKPOINT_VERSION:
+            raise corrupt(
+                f"version {row['version']} is not the supported version {CHECKPOINT_VERSION}"
+            )
+        try:
+            status = RunStatus(row["status"])
+        except ValueError:
+            raise corrupt(f"unknown status {row['status']!r}") from None
+        try:
+            state = RunState.from_json(row["state"])
+        except (ValueError, TypeError) as exc:
+            raise corrupt(f"state is not valid ({exc})") from None
+        if (state.job, state.run_key) != (job, run_key):
+            raise corrupt("state names a different run")
+        return Run(
+            run_id=run_id,
+            job=job,
+            run_key=run_key,
+            status=status,
+            created_at=_aware(row["created_at"]) or _now(),
+            updated_at=_aware(row["updated_at"]) or _now(),
+            heartbeat_at=_aware(row["heartbeat_at"]) or _now(),
+            finished_at=_aware(row["finished_at"]),
+            state=state,
+        )
+
+    # --- items ------------------------------------------------------------------------
+
+    def add_items(self, run_id: str, stage: str, items: Iterable[str]) -> int:
+        """Register a stage's universe as pending rows; items already there are kept."""
+        with self.engine.begin() as conn:
+            known = set(
+                conn.scalars(
+                    select(sync_items.c.item).where(
+                        sync_items.c.run_id == run_id, sync_items.c.stage == stage
+                    )
+                )
+            )
+            rows = [
+                {"run_id": run_id, "stage": stage, "item": item, "status": "pending", "attempts": 0}
+                for item in dict.fromkeys(items)
+                if item not in known
+            ]
+            for start in range(0, len(rows), _INSERT_CHUNK):
+                conn.execute(insert(sync_items), rows[start : start + _INSERT_CHUNK])
+        return len(rows)
+
+    def has_items(self, run_id: str, stage: str) -> bool:
+        with self.engine.connect() as conn:
+            return (
+                conn.execute(
+                    select(sync_items.c.item)
+                    .where(sync_items.c.run_id == run_id, sync_items.c.stage == stage)
+                    .limit(1)
+                ).first()
+                is not None
+            )
+
+    def items(self, run_id: str, stage: str, status: ItemStatus | None = None) -> list[str]:
+        query = select(sync_items.c.item).where(
+            sync_items.c.run_id == run_id, sync_items.c.stage == stage
+        )
+        if status is not None:
+            query = query.where(sync_items.c.status == status.value)
+        with self.engine.connect() as conn:
+            return list(conn.scalars(query.order_by(sync_items.c.item)))
+
+    def last_batch_no(self, run_id: str, stage: str) -> int:
+        with self.engine.connect() as conn:
+            value = conn.execute(
+                select(func.max(sync_items.c.batch_no)).where(
+                    sync_items.c.run_id == run_id, sync_items.c.stage == stage
+                )
+            ).scalar()
+        return int(value or 0)
+
+    def settled_without_fetch(self, run_id: str, stage: str) -> int:
+        """Items done without a batch (e.g. already cached): they cost no request."""
+        with self.engine.connect() as conn:
+            return int(
+                conn.execute(
+                    select(func.count()).where(
+                        sync_items.c.run_id == run_id,
+                        sync_items.c.stage == stage,
+                        sync_items.c.status == ItemStatus.DONE.value,
+                        sync_items.c.batch_no.is_(None),
+                    )
+                ).scalar_one()
+            )
+
+    def requeue_failed(self, run_id: str, stage: str) -> list[str]:
+        """Make a stage's failed items (permanent ones included) pending again; their names."""
+        failed = (
+            sync_items.c.run_id == run_id,
+            sync_items.c.stage == stage,
+            sync_items.c.status == ItemStatus.FAILED.value,
+        )
+        with self.engine.begin() as conn:
+            items = list(conn.scalars(select(sync_items.c.item).where(*failed)))
+            conn.execute(
+                update(sync_items)
+                .where(*failed)
+                .values(status=ItemStatus.PENDING.value, error_kind=None, updated_at=_now())
+            )
+        return sorted(items)
+
+    def pending(self, run_id: str, stage: str) -> list[PendingItem]:
+        """Universe - done - permanently failed, in a stable order."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(sync_items.c.item, sync_items.c.attempts)
+                .where(
+                    sync_items.c.run_id == run_id,
+                    sync_items.c.stage == stage,
+                    (sync_items.c.status == ItemStatus.PENDING.value)
+                    | (sync_items.c.error_kind == ErrorKind.TRANSIENT.value),
+                )
+                .order_by(sync_items.c.item)
+            ).all()
+        return [PendingItem(r.item, r.attempts) for r in rows]
+
+    def mark(
+        self,
+        conn: Connection,
+        run_id: str,
+        stage: str,
+        outcomes: Sequence[ItemOutcome],
+        batch_no: int | None = None,
+    ) -> None:
+        """Record a batch's outcomes on `conn`: the caller's transaction, after its data."""
+        if not outcomes:
+            return
+        now = _now()
+        stmt = (
+            update(sync_items)
+            .where(
+                sync_items.c.run_id == bindparam("b_run"),
+                sync_items.c.stage == bindparam("b_stage"),
+                sync_items.c.item == bindparam("b_item"),
+            )
+            .values(
+                status=bindparam("b_status"),
+                error_kind=bindparam("b_kind"),
+                last_error=bindparam("b_error"),
+                attempts=sync_items.c.attempts + 1,
+                batch_no=bindparam("b_batch"),
+                updated_at=bindparam("b_now"),
+            )
+        )
+        conn.execute(
+            stmt,
+            [
+                {
+                    "b_run": run_id,
+                    "b_stage": stage,
+                    "b_item": o.item,
+                    "b_status": o.status.value,
+                    "b_kind": o.error_kind.value if o.error_kind else None,
+                    "b_error": o.error,
+                    "b_batch": batch_no,
+                    "b_now": now,
+                }
+                for o in outcomes
+            ],
+        )
+        conn.execute(
+            update(sync_runs)
+            .where(sync_runs.c.run_id == run_id)
+            .values(heartbeat_at=now, updated_at=now)
+        )
+
+    def counts(self, run_id: str) -> dict[str, StageCounts]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(
+                    sync_items.c.stage,
+                    sync_items.c.status,
+                    sync_items.c.error_kind,
+                    func.count().label("n"),
+                )
+                .where(sync_items.c.run_id == run_id)
+                .group_by(sync_items.c.stage, sync_items.c.status, sync_items.c.error_kind)
+            ).all()
+        tally: dict[str, dict[str, int]] = {}
+        for stage, status, kind, n in rows:
+            t = tally.setdefault(stage, {"done": 0, "failed": 0, "retrying": 0, "untouched": 0})
+            if status == ItemStatus.DONE.value:
+                t["done"] += n
+            elif status == ItemStatus.PENDING.value:
+                t["untouched"] += n
+            elif kind == ErrorKind.TRANSIENT.value:
+                t["retrying"] += n
+            else:
+                t["failed"] += n
+        return {stage: StageCounts(total=sum(t.values()), **t) for stage, t in tally.items()}
+
+    def failures(self, run_id: str, limit: int = 100) -> list[ItemFailure]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(sync_items)
+                .where(
+                    sync_items.c.run_id == run_id,
+                    sync_items.c.status == ItemStatus.FAILED.value,
+                )
+                .order_by(sync_items.c.stage, sync_items.c.item)
+                .limit(limit)
+            ).all()
+        return [
+            ItemFailure(
+                r.stage, r.item, r.error_kind or "", r.attempts, r.last_error or "", r.batch_no
+            )
+            for r in rows
+        ]

@@ -1,0 +1,121 @@
+"""Every table syncpoint owns, in one MetaData so one `create_all` builds the schema.
+
+Data tables hold what the jobs sync; ledger tables hold the checkpoints. They live in
+one database by default so a batch's upsert and its item marks share a transaction.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    Date,
+    DateTime,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+metadata = MetaData()
+
+# --- data -------------------------------------------------------------------------------
+
+stock_prices = Table(
+    "stock_prices",
+    metadata,
+    Column("ticker", String(32), primary_key=True),
+    Column("date", Date, primary_key=True),
+    Column("open", Float, nullable=False),
+    Column("high", Float, nullable=False),
+    Column("low", Float, nullable=False),
+    Column("close", Float, nullable=False),
+    Column("volume", BigInteger, nullable=False),
+)
+
+dcf_valuations = Table(
+    "dcf_valuations",
+    metadata,
+    Column("ticker", String(32), primary_key=True),
+    Column("date", Date, nullable=False),
+    Column("dcf", Float, nullable=False),
+    Column("stock_price", Float, nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
+# Seed 002's sync log: one row per stage per attempt, for humans and dashboards.
+sync_logs = Table(
+    "sync_logs",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("task_name", String(100), nullable=False),
+    Column("status", String(20), nullable=False),
+    Column("rows_updated", Integer, nullable=False, default=0),
+    Column("error_message", Text),
+    Column("started_at", DateTime(timezone=True), nullable=False),
+    Column("completed_at", DateTime(timezone=True)),
+    Column("duration_seconds", Float),
+    Column("metadata", JSON),
+    Index("idx_sync_logs_task_name", "task_name"),
+    Index("idx_sync_logs_completed_at", "completed_at"),
+)
+
+# Documents of a DIP-style API (seeds 003/004), one row per (entity, id): a record updated
+# upstream is updated here, never duplicated.
+dip_documents = Table(
+    "dip_documents",
+    metadata,
+    Column("entity", String(32), primary_key=True),
+    Column("id", String(64), primary_key=True),
+    Column("aktualisiert", DateTime(timezone=True), nullable=False),
+    Column("datum", Date),
+    Column("titel", Text),
+    Column("payload", JSON, nullable=False),
+    Column("synced_at", DateTime(timezone=True), nullable=False),
+    Index("idx_dip_documents_aktualisiert", "entity", "aktualisiert"),
+)
+
+# --- checkpoint ledger ------------------------------------------------------------------
+
+# One row per run attempt-chain: (job, run_key) resumes the newest unfinished one.
+sync_runs = Table(
+    "sync_runs",
+    metadata,
+    Column("run_id", String(36), primary_key=True),
+    Column("job", String(64), nullable=False),
+    Column("run_key", String(128), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("version", Integer, nullable=False),
+    # Validated on every load; see syncpoint.core.ledger.RunState.
+    Column("state", Text, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("heartbeat_at", DateTime(timezone=True), nullable=False),
+    Column("finished_at", DateTime(timezone=True)),
+    # host:pid:token of the process working on it; with heartbeat_at, the run's lock.
+    Column("owner", String(200)),
+    # One checkpoint per (job, run key): two starts of the same date race on this.
+    UniqueConstraint("job", "run_key", name="uq_sync_runs_job_key"),
+)
+
+# The item ledger: one row per (run, stage, item), never arrays (seed 000 rewrote TEXT[]
+# columns on every update). Pending = status 'pending' or a transient failure.
+sync_items = Table(
+    "sync_items",
+    metadata,
+    Column("run_id", String(36), primary_key=True),
+    Column("stage", String(32), primary_key=True),
+    Column("item", String(255), primary_key=True),
+    Column("status", String(16), nullable=False),
+    Column("error_kind", String(16)),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("last_error", Text),
+    Column("batch_no", Integer),
+    Column("updated_at", DateTime(timezone=True)),
+    Index("idx_sync_items_run_stage_status", "run_id", "stage", "status"),
+)

@@ -1,0 +1,198 @@
+"""The generic checkpointed map: plan pending items, chunk them, fetch, store, mark.
+
+Two skip layers keep a rerun from spending API quota twice: the ledger decides which
+items are pending (universe - done - permanently failed), and the cached fetch task
+(syncpoint.tasks.batches) gives back a batch fetched by an attempt that died before
+storing it.
+
+Pipelining: two batches fetch at once and the batch before them is stored beside them.
+Both fetches draw on one stage-wide RequestSlots, first come first served, so the next
+batch only takes the slots the current batch's tail frees: `concurrency` stays exact and
+no slot idles at a boundary (a rate-limited run keeps its pace; bench cases 1 and 2).
+A crash finds at most three batches fetched-but-unmarked; the persisted fetch cache
+gives back every one whose fetch had finished, so a rerun refetches far less.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import cast
+
+from prefect.futures import PrefectFuture
+from prefect.utilities.annotations import quote
+
+from syncpoint.core.db import Database
+from syncpoint.core.interrupts import StopFlag
+from syncpoint.core.ledger import ErrorKind, ItemOutcome, Ledger, StageCounts
+from syncpoint.core.request_slots import RequestSlots
+from syncpoint.sources.source import Source
+from syncpoint.tasks.batches import Batch, BatchOutcome, fetch_batch, store_batch
+
+# Batches fetching at once. Two keep the slots busy across a boundary; more would only
+# widen what a crash leaves fetched-but-unmarked.
+FETCHES_IN_FLIGHT = 2
+# What a crash can leave fetched-but-unmarked: the fetches in flight and the batch storing.
+UNMARKED_BATCHES_AT_MOST = FETCHES_IN_FLIGHT + 1
+
+
+@dataclass
+class Progress:
+    stage: str
+    batches_done: int
+    batches_total: int
+    done: int
+    failed: int
+    retrying: int
+    total: int
+    processed_now: int
+    planned_now: int
+    elapsed: float
+
+    @property
+    def rate(self) -> float:
+        return self.processed_now / self.elapsed if self.elapsed > 0 else 0.0
+
+    @property
+    def eta_seconds(self) -> float | None:
+        left = self.planned_now - self.processed_now
+        return left / self.rate if self.rate > 0 else None
+
+    def line(self) -> str:
+        pct = 100.0 * (self.done + self.failed) / self.total if self.total else 100.0
+        eta = f", ~{self.eta_seconds:.0f}s left" if self.eta_seconds is not None else ""
+        return (
+            f"{self.stage}: {self.done + self.failed}/{self.total} settled ({pct:.1f}%), "
+            f"{self.failed} failed, {self.retrying} to retry, batch {self.batches_done}/"
+            f"{self.batches_total}, {self.rate:.1f} items/s{eta}"
+        )
+
+
+@dataclass
+class StageRun:
+    """What one stage did in this invocation."""
+
+    rows_written: int = 0
+    requests: int = 0
+    batches: int = 0
+    items_processed: int = 0
+    fatal: str | None = None
+    outcomes: list[ItemOutcome] = field(default_factory=list)
+
+
+def map_batches(
+    *,
+    ledger: Ledger,
+    data: Database,
+    checkpoints: Database,
+    run_id: str,
+    stage: str,
+    source: Source,
+    batch_size: int,
+    max_items: int | None,
+    stop: StopFlag,
+    on_progress: Callable[[Progress], None],
+    max_batches: int | None = None,
+    only: frozenset[str] | None = None,
+) -> StageRun:
+    """Run a stage's pending items in batches until done, capped, stopped or fatal.
+
+    `max_items` / `max_batches` cap this invocation (the rest stays pending); `only`
+    restricts it to those items. Batch numbers continue across invocations of a run.
+    """
+    pending = ledger.pending(run_id, stage)
+    if only is not None:
+        pending = [p for p in pending if p.item in only]
+    if max_batches is not None:
+        pending = pending[: max_batches * batch_size]
+    planned = pending if max_items is None else pending[:max_items]
+    first = ledger.last_batch_no(run_id, stage) + 1
+    batches = [
+        Batch(run_id, stage, number, tuple(planned[start : start + batch_size]))
+        for number, start in enumerate(range(0, len(planned), batch_size), first)
+    ]
+    base = ledger.counts(run_id).get(stage, StageCounts())
+    tally = {"done": base.done, "failed": base.failed, "retrying": base.retrying}
+    result = StageRun()
+    started = time.monotonic()
+    slots = RequestSlots(source.concurrency)
+    upcoming = iter(batches)
+    fetching: deque[PrefectFuture[BatchOutcome]] = deque()
+    storing: tuple[BatchOutcome, PrefectFuture[int]] | None = None
+
+    def fetch_next() -> None:
+        if stop.requested or result.fatal:
+            return  # no new batch; the ones in flight still finish and are stored
+        batch = next(upcoming, None)
+        if batch is not None:
+            # Prefect types an async task's future as one of a coroutine; it holds the value.
+            future = fetch_batch.submit(source, batch, slots)
+            fetching.append(cast(PrefectFuture[BatchOutcome], future))
+
+    def settle(outcome: BatchOutcome, future: PrefectFuture[int]) -> None:
+        result.rows_written += future.result()
+        result.batches += 1
+        result.items_processed += len(outcome.outcomes)
+        result.outcomes.extend(outcome.outcomes)
+        retried = {p.item for p in outcome.batch.items if p.attempts > 0}
+        for o in outcome.outcomes:
+            if o.item in retried:
+                tally["retrying"] -= 1
+            tally[_bucket(o)] += 1
+        on_progress(
+            Progress(
+                stage=stage,
+                batches_done=result.batches,
+                batches_total=len(batches),
+                done=tally["done"],
+                failed=tally["failed"],
+                retrying=tally["retrying"],
+                total=base.total,
+                processed_now=result.items_processed,
+                planned_now=len(planned),
+                elapsed=time.monotonic() - started,
+            )
+        )
+
+    try:
+        for _ in range(FETCHES_IN_FLIGHT):
+            fetch_next()
+        while fetching:
+            outcome = fetching.popleft().result()
+            result.requests += outcome.requests
+            result.fatal = result.fatal or outcome.fatal
+            if storing is not None:
+                previous, storing = storing, None
+                settle(*previous)
+            # quote(): Prefect would otherwise walk every row of the batch looking for
+            # futures to wait on, which costs more than storing them (bench case 1).
+            storing = (
+                outcome,
+                store_batch.submit(
+                    data,
+                    checkpoints,
+                    source.table,
+                    cast(BatchOutcome, quote(outcome)),  # Prefect unwraps it for the task
+                ),
+            )
+            # Only now: the previous batch is marked, so at most FETCHES_IN_FLIGHT + 1
+            # batches are ever fetched-but-unmarked.
+            fetch_next()
+    finally:
+        # Leaving early (a store failed, the flow is being torn down): let the fetches in
+        # flight finish, so their results reach the fetch cache for the rerun and no
+        # thread goes on sending after the stage has ended.
+        for future in fetching:
+            future.wait()
+        # A batch that was fetched is always stored before the stage ends, whatever ended it.
+        if storing is not None:
+            settle(*storing)
+    return result
+
+
+def _bucket(outcome: ItemOutcome) -> str:
+    if outcome.error_kind is None:
+        return "done"
+    return "retrying" if outcome.error_kind is ErrorKind.TRANSIENT else "failed"

@@ -1,0 +1,1 @@
+"""The Prefect flows, one module per job; prefect.yaml's entrypoints point at them."""

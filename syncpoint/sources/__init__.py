@@ -1,0 +1,1 @@
+"""The sources: one module per API dataset, turning answers into validated rows."""

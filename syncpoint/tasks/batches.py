@@ -1,0 +1,127 @@
+"""The batch tasks: fetch a batch's items from a source, store its rows and marks.
+
+The fetch task is cached on (source, run, stage, items with their attempt counts), so a
+retry after a failed store step reuses the fetched batch instead of spending quota on it
+again. Every item of a stored batch gets a mark (its attempts go up), so a batch whose
+store committed can never hit a stale cache entry again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.context import TaskRunContext
+
+from syncpoint.core.db import Database
+from syncpoint.core.errors import FatalApiError, ItemError, RetriableApiError
+from syncpoint.core.http import ApiClient
+from syncpoint.core.ledger import ErrorKind, ItemOutcome, Ledger, PendingItem
+from syncpoint.core.redact import redact
+from syncpoint.core.request_slots import RequestSlots
+from syncpoint.core.store import write_then_checkpoint
+from syncpoint.sources.source import Source
+
+FETCH_CACHE_TTL = timedelta(days=3)
+
+
+@dataclass(frozen=True)
+class Batch:
+    run_id: str
+    stage: str
+    number: int
+    items: tuple[PendingItem, ...]
+
+
+@dataclass
+class BatchOutcome:
+    batch: Batch
+    rows: list[dict[str, Any]]
+    outcomes: list[ItemOutcome]
+    requests: int = 0
+    fatal: str | None = None
+
+    def count(self, predicate: Callable[[ItemOutcome], bool]) -> int:
+        return sum(1 for o in self.outcomes if predicate(o))
+
+
+def batch_cache_key(_context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    source: Source = parameters["source"]
+    batch: Batch = parameters["batch"]
+    identity = [
+        source.cache_identity(),
+        batch.run_id,
+        batch.stage,
+        [(p.item, p.attempts) for p in batch.items],
+    ]
+    digest = hashlib.sha256(json.dumps(identity).encode()).hexdigest()
+    return f"syncpoint-fetch-{digest}"
+
+
+@task(
+    name="fetch-batch",
+    task_run_name="fetch {batch.stage} #{batch.number}",
+    cache_key_fn=batch_cache_key,
+    cache_expiration=FETCH_CACHE_TTL,
+    persist_result=True,
+)
+async def fetch_batch(source: Source, batch: Batch, slots: RequestSlots) -> BatchOutcome:
+    """Fetch every item of a batch; each ends done or failed, none is left unaccounted.
+
+    `slots` is the stage's gate (not part of the cache key): it bounds the requests in
+    flight across this batch and the next, and a refused key closes it for both.
+    """
+
+    async def one(
+        client: ApiClient, pending: PendingItem
+    ) -> tuple[list[dict[str, Any]], ItemOutcome]:
+        item = pending.item
+        async with slots:
+            if slots.closed:
+                return [], ItemOutcome.failed(
+                    item, ErrorKind.TRANSIENT, f"not attempted: {slots.closed}"
+                )
+            try:
+                return await source.fetch(client, item), ItemOutcome.done(item)
+            except ItemError as exc:
+                return [], ItemOutcome.failed(item, ErrorKind.PERMANENT, redact(str(exc)))
+            except RetriableApiError as exc:
+                return [], ItemOutcome.failed(item, ErrorKind.TRANSIENT, redact(str(exc)))
+            except FatalApiError as exc:
+                # Stop sending at once: every further request would be refused too.
+                reason = redact(str(exc))
+                slots.close(reason)
+                return [], ItemOutcome.failed(item, ErrorKind.TRANSIENT, reason)
+
+    async with source.client() as client:
+        results = await asyncio.gather(*(one(client, p) for p in batch.items))
+        requests = client.requests_sent
+    rows = [row for item_rows, _ in results for row in item_rows]
+    return BatchOutcome(batch, rows, [o for _, o in results], requests, slots.closed)
+
+
+@task(
+    name="store-batch",
+    task_run_name="store {outcome.batch.stage} #{outcome.batch.number}",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=[1, 5],
+)
+def store_batch(data: Database, checkpoints: Database, table: str, outcome: BatchOutcome) -> int:
+    """Upsert the batch's rows, then mark its items: data first, marks after."""
+    ledger = Ledger(checkpoints.engine())
+    batch = outcome.batch
+    return write_then_checkpoint(
+        data,
+        checkpoints,
+        table,
+        outcome.rows,
+        lambda conn: ledger.mark(conn, batch.run_id, batch.stage, outcome.outcomes, batch.number),
+    )
