@@ -1,4 +1,4 @@
-"""The baseline the seeds' teams wrote by hand: plain asyncio + httpx, no Prefect, no checkpoint.
+"""The hand-written baseline: plain asyncio + httpx, no Prefect, no checkpoint.
 
 One httpx.AsyncClient, a semaphore of `--concurrency`, prices then valuations for every
 ticker, and one bulk insert at the end (sqlite3 executemany). A kill loses everything; a

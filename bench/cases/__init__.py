@@ -1,1 +1,1 @@
-"""The six cases of issue 7, one module each; every module has `run(bench) -> CaseResult`."""
+"""The six benchmark cases, one module each; every module has `run(bench) -> CaseResult`."""

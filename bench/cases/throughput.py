@@ -165,7 +165,7 @@ def _notes(
     result.notes.append(
         f"Latency alone would allow {ideal:.1f}s ({CONCURRENCY} in flight x {LATENCY_MS} ms). "
         f"The baseline takes {base_span:.1f}s: its one httpx client uses {base_cpu:.1f}s of "
-        f"CPU ({1000 * base_cpu / requests:.1f} ms per request; issue 7 traces most of it to "
+        f"CPU ({1000 * base_cpu / requests:.1f} ms per request; profiling traces most of it to "
         "the pool's bookkeeping over 32 connections), so both sides are CPU-bound and the "
         "ratio is mostly a CPU-efficiency ratio. Start-up (imports, flow run, opening the "
         "checkpoint, registering the tickers) is outside first -> last."

@@ -29,5 +29,7 @@ class DipApi(MarketApi):
 
     base_url: str = Field(
         default="https://search.dip.bundestag.de",
-        description="Root URL of the API; requests go to <base_url>/api/v1/<entity>.",
+        description=(
+            "Root URL of the API; requests go to this URL followed by /api/v1/ and the entity name."
+        ),
     )

@@ -33,7 +33,10 @@ class MarketApi(Block):
 
     base_url: str = Field(
         default="https://financialmodelingprep.com",
-        description="Root URL of the API; requests go to <base_url>/stable/<endpoint>.",
+        description=(
+            "Root URL of the API; requests go to this URL followed by /stable/ and the "
+            "endpoint path."
+        ),
     )
     api_key: SecretStr | None = Field(
         default=None,

@@ -1,4 +1,4 @@
-"""Ctrl+C and SIGTERM, seed 003's way: the first asks for a clean stop, the second is final.
+"""Ctrl+C and SIGTERM: the first asks for a clean stop, the second is final.
 
 First signal: no new batch starts; the batches in flight finish and are stored, the
 checkpoint is flushed, and the run ends partial with the signal recorded, so the CLI

@@ -29,7 +29,7 @@ COPY_FROM_ROWS = 1000
 def to_frame(table: Table, rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
     """Rows as a frame with the table's columns, one row per key (the last one wins)."""
     # Imported here: pandas is a third of what the flow modules cost to import, and a
-    # rerun of a completed date never stores anything (bench case 3).
+    # rerun of a completed date never stores anything: a no-op rerun skips that cost.
     import pandas as pd
 
     columns = [c.name for c in table.columns]
@@ -62,7 +62,7 @@ def upsert(conn: Connection, table_name: str, rows: Sequence[dict[str, Any]]) ->
         conn.execute(stmt, records)
     elif dialect == "sqlite":
         # One parameterised statement through executemany: compiling a multi-row VALUES
-        # statement per batch cost more than running it (bench case 1).
+        # statement per batch costs more than running it.
         lite = sqlite.insert(table)
         conn.execute(
             lite.on_conflict_do_update(

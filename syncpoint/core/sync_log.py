@@ -1,4 +1,4 @@
-"""Seed 002's sync_logs table: one row per stage attempt, written as the stage ends."""
+"""The sync_logs table: one row per stage attempt, written as the stage ends."""
 
 from __future__ import annotations
 

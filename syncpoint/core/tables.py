@@ -48,7 +48,7 @@ dcf_valuations = Table(
     Column("updated_at", DateTime(timezone=True), nullable=False),
 )
 
-# Seed 002's sync log: one row per stage per attempt, for humans and dashboards.
+# The sync log: one row per stage per attempt, for humans and dashboards.
 sync_logs = Table(
     "sync_logs",
     metadata,
@@ -65,7 +65,7 @@ sync_logs = Table(
     Index("idx_sync_logs_completed_at", "completed_at"),
 )
 
-# Documents of a DIP-style API (seeds 003/004), one row per (entity, id): a record updated
+# Documents of a DIP-style API (document-sync), one row per (entity, id): a record updated
 # upstream is updated here, never duplicated.
 dip_documents = Table(
     "dip_documents",
@@ -103,8 +103,8 @@ sync_runs = Table(
     UniqueConstraint("job", "run_key", name="uq_sync_runs_job_key"),
 )
 
-# The item ledger: one row per (run, stage, item), never arrays (seed 000 rewrote TEXT[]
-# columns on every update). Pending = status 'pending' or a transient failure.
+# The item ledger: one row per (run, stage, item), never arrays (an array column is
+# rewritten whole on every update). Pending = status 'pending' or a transient failure.
 sync_items = Table(
     "sync_items",
     metadata,

@@ -1,8 +1,8 @@
 """One invocation of a job on a run: open the checkpoint, run stages, record status.
 
 Flows stay a table of contents; this is where a stage's failure is caught, logged to
-sync_logs and turned into the run's status (seed 002: a failed stage does not stop the
-next one, a rejected API key stops everything).
+sync_logs and turned into the run's status (a failed stage does not stop the next one,
+a rejected API key stops everything).
 """
 
 from __future__ import annotations
@@ -254,7 +254,7 @@ class JobRun:
         """Show the summary and failed items on the run's page; returns the summary."""
         if self.already_complete:
             # The run that completed the date has the bar and the failed items already;
-            # a rerun says what it found, in one API call (bench case 3).
+            # a rerun says what it found, in one API call, so a no-op rerun stays fast.
             self.page.already_complete(summary)
             return summary
         try:

@@ -126,7 +126,7 @@ def status_text(ledger: Ledger, runs: list[Run | CheckpointError], failures: int
 
 
 def batch_job_status(ledger: Ledger, run: Run, stage: str) -> dict[str, Any]:
-    """A batch job's status in seed 001's shape (fill-cache-batch-status)."""
+    """A batch job's status as the fill-cache status JSON: progress, batches, message."""
     c = ledger.counts(run.run_id).get(stage, StageCounts())
     cached = ledger.settled_without_fetch(run.run_id, stage)
     batch_size = int(run.state.params.get("batch_size") or 5)

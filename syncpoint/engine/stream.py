@@ -1,6 +1,6 @@
 """The checkpointed cursor stream: read pages, store them, save the cursor, repeat.
 
-The counterpart of the batch map for sources paged by cursor and date (seeds 003/004).
+The counterpart of the batch map for sources paged by cursor and date (document-sync).
 A checkpoint is written every `max_records` records or `max_seconds` seconds, whichever
 comes first, in the same transaction as the records it covers: a crash replays at most
 one segment, and upserts on (entity, id) make the replay harmless.
@@ -62,7 +62,7 @@ class StreamPosition:
 def plan_window(
     previous: StreamPosition | None, *, resume: bool, since: str | None, end: str
 ) -> tuple[StreamPosition, str]:
-    """This run's window and which recovery applies (seed 004): fresh, resume or retry."""
+    """This run's window and which recovery applies: fresh, resume or retry."""
     if previous is not None and not previous.finished:
         if resume and previous.cursor:
             return previous, RESUME

@@ -1,4 +1,4 @@
-"""``python -m simulator``: run the market API in the foreground."""
+"""``python -m syncpoint.simulator``: run the market API in the foreground."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from syncpoint.simulator.server import serve
 
 def parse_args(argv: list[str] | None = None) -> SimulatorConfig:
     defaults = SimulatorConfig()
-    parser = argparse.ArgumentParser(prog="python -m simulator", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m syncpoint.simulator", description=__doc__)
     parser.add_argument("--host", default=defaults.host)
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--latency-ms", type=float, default=defaults.latency_ms)

@@ -1,4 +1,4 @@
-"""Prefect operations end to end (issue 4, point 6), with real parts only.
+"""Prefect operations end to end, with real parts only.
 
 `prefect server start` (SQLite, and PostgreSQL through PREFECT_SERVER_DATABASE_CONNECTION_URL),
 `prefect work-pool create`, `prefect deploy --all` from the repository root, `prefect worker

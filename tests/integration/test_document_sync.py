@@ -1,4 +1,4 @@
-"""Seeds 003/004's document sync through the real CLI against the built-in DIP API."""
+"""document-sync through the real CLI against the built-in DIP API."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Seed 001's fill-cache through the real CLI: cached skip, partial runs, retry-failed, kill -9."""
+"""fill-cache through the real CLI: cached skip, partial runs, retry-failed, kill -9."""
 
 from __future__ import annotations
 

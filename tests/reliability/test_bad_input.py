@@ -166,7 +166,7 @@ def test_usage_and_config_errors_exit_2_and_touch_nothing(
     if target is not None:
         extra["SYNCPOINT_DATABASE_URL"] = _prepare_target(target, tmp_path)
     before_files = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
-    before = sqlite_dump(workdir / "syncpoint.core.db")
+    before = sqlite_dump(workdir / "syncpoint.db")
     sim.reset_stats()
 
     result = run_cli([*run_args(workdir / "tickers.txt"), *args], {**env, **extra}, workdir)
@@ -174,7 +174,7 @@ def test_usage_and_config_errors_exit_2_and_touch_nothing(
     assert_one_line_error(result, message)
     assert "pw@" not in result.stderr  # a URL's password is never echoed
     assert sim.stats()["requests"] == 0
-    assert sqlite_dump(workdir / "syncpoint.core.db") == before
+    assert sqlite_dump(workdir / "syncpoint.db") == before
     # The bad target is left as it was: no database written over or beside it.
     after_files = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
     assert after_files == before_files
@@ -189,7 +189,7 @@ def test_the_existing_run_continues_after_rejected_commands(
     result = run_cli(run_args(workdir / "tickers.txt"), env, workdir)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "COMPLETED (resumed)" in result.stdout
-    assert len(table_rows(f"sqlite:///{workdir / 'syncpoint.core.db'}", "dcf_valuations")) == 6
+    assert len(table_rows(f"sqlite:///{workdir / 'syncpoint.db'}", "dcf_valuations")) == 6
 
 
 # --- bad tickers files ---------------------------------------------------------------
@@ -223,7 +223,7 @@ def test_a_run_stopped_by_an_empty_file_continues_once_the_file_is_fixed(
     file.write_text("")
     first = run_cli(run_args(file), env, tmp_path)
     assert_one_line_error(first, "is empty")
-    db = tmp_path / "syncpoint.core.db"
+    db = tmp_path / "syncpoint.db"
     assert not db.exists() or sqlite_dump(db).get("stock_prices", []) == []
 
     tickers = good(sim, 620)
@@ -231,7 +231,7 @@ def test_a_run_stopped_by_an_empty_file_continues_once_the_file_is_fixed(
     second = run_cli(run_args(file), env, tmp_path)
     assert second.returncode == 0, second.stdout + second.stderr
     assert "COMPLETED" in second.stdout
-    url = f"sqlite:///{tmp_path / 'syncpoint.core.db'}"
+    url = f"sqlite:///{tmp_path / 'syncpoint.db'}"
     assert {r[0] for r in table_rows(url, "dcf_valuations")} == set(tickers)
 
 
@@ -256,7 +256,7 @@ def test_duplicates_are_ignored_and_counted_once(
     assert run["failures"] == []
     for ticker in tickers:
         assert sim.requests_for(ticker, "historical-price-eod/full") == 1, ticker
-    url = f"sqlite:///{tmp_path / 'syncpoint.core.db'}"
+    url = f"sqlite:///{tmp_path / 'syncpoint.db'}"
     assert len(table_rows(url, "dcf_valuations")) == len(tickers)
 
 
@@ -331,7 +331,7 @@ def test_csv_with_a_symbol_or_ticker_column(
     result = run_cli(run_args(file), env, tmp_path)
 
     assert result.returncode == 0, result.stdout + result.stderr
-    url = f"sqlite:///{tmp_path / 'syncpoint.core.db'}"
+    url = f"sqlite:///{tmp_path / 'syncpoint.db'}"
     assert {r[0] for r in table_rows(url, "dcf_valuations")} >= set(tickers)
     # Only the rows under the header are tickers.
     assert set(sim.stats()["by_symbol"]) == set(tickers)

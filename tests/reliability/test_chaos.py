@@ -1,4 +1,4 @@
-"""Chaos suite (issue 3): SIGKILL the real CLI again and again while the API misbehaves.
+"""Chaos suite: SIGKILL the real CLI again and again while the API misbehaves.
 
 Everything is real: the `syncpoint` command in a subprocess, a Prefect API server, the
 simulator on loopback answering ~15% 5xx and ~5% 429 with latency, and SQLite files.

@@ -1,4 +1,4 @@
-"""Seed 004's checkpoint rules through the real CLI: validated on load, reset by name, expired."""
+"""Checkpoint rules through the real CLI: validated on load, reset by name, expired."""
 
 from __future__ import annotations
 

@@ -155,7 +155,7 @@ def mixed(prefect_api: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         status = _status_json(env, workdir)
         yield MixedRun(
             sim,
-            f"sqlite:///{workdir / 'syncpoint.core.db'}",
+            f"sqlite:///{workdir / 'syncpoint.db'}",
             faulted,
             healthy,
             result,
@@ -278,7 +278,7 @@ def test_persistent_server_error_is_partial_then_the_next_run_fetches_only_it(
         assert stats["requests"] == 2
     assert _status_json(env, tmp_path)[0]["status"] == "completed"
     assert broken in {
-        r[0] for r in table_rows(f"sqlite:///{tmp_path / 'syncpoint.core.db'}", "dcf_valuations")
+        r[0] for r in table_rows(f"sqlite:///{tmp_path / 'syncpoint.db'}", "dcf_valuations")
     }
 
 

@@ -1,4 +1,4 @@
-"""Seed 003's Ctrl+C safety with the real CLI: finish in-flight batches, flush, exit 130/143.
+"""Ctrl+C safety with the real CLI: finish in-flight batches, flush, exit 130/143.
 
 Each test interrupts a real `syncpoint run` in its own process group mid-stage, then
 checks the checkpoint against the API's own request log: every ticker the interrupted

@@ -237,7 +237,7 @@ def keyed_runs(prefect_api: str, tmp_path_factory: pytest.TempPathFactory) -> Ke
         result = run_cli(args, env, workdir)
         assert result.returncode == 0, result.stderr
         evidence.add(where, result)
-    evidence.texts["database rows"] = sqlite_rows_text(workdir / "syncpoint.core.db")
+    evidence.texts["database rows"] = sqlite_rows_text(workdir / "syncpoint.db")
     return KeyedRuns(workdir, evidence, since, stats)
 
 
