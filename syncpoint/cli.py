@@ -13,15 +13,18 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from syncpoint.core.errors import CheckpointError, ConfigError, SyncError
 from syncpoint.core.interrupts import exit_code
 
+if TYPE_CHECKING:
+    from syncpoint.core.db import Database
+
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
 EXIT_BY_STATUS = {"completed": EXIT_OK, "partial": EXIT_PARTIAL, "failed": EXIT_FAILED}
 JOBS = ("daily-sync", "fill-cache", "document-sync")
-# Jobs whose status reads like seed 001's batch job: the stage that is batched.
+# Jobs with the batch-job status (progress and batches of one stage): that stage.
 BATCH_JOBS = {"fill-cache": "history"}
 # Jobs with one cursor checkpoint per run key (entity).
 STREAM_JOBS = ("document-sync",)
@@ -62,13 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size",
         type=int,
         default=None,
-        help="tickers per batch (default SYNC_BATCH_SIZE or 50)",
+        help="tickers per batch (default: SYNC_BATCH_SIZE, else 50)",
     )
     daily.add_argument(
         "--concurrency",
         type=int,
         default=None,
-        help="requests in flight per batch (default SYNC_CONCURRENCY or 16)",
+        help="requests in flight at once (default: SYNC_CONCURRENCY, else 16)",
     )
     daily.add_argument(
         "--max-items",
@@ -78,12 +81,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     daily.add_argument("--fresh", action="store_true", help="discard this date's checkpoint")
     daily.add_argument("--json", action="store_true", help="print the summary as JSON")
+    _builtin_api_option(daily)
     daily.set_defaults(handler=cmd_run_daily_sync)
 
     fill = jobs.add_parser("fill-cache", help="backfill price history in resumable batches")
     fill.add_argument("--ticker-source", choices=["sp500", "all", "custom"], default="sp500")
     fill.add_argument("--tickers", help="comma-separated tickers (with --ticker-source custom)")
-    fill.add_argument("--batch-size", type=int, default=5, help="tickers per batch (default 5)")
+    fill.add_argument("--batch-size", type=int, default=None, help="tickers per batch (default 5)")
+    fill.add_argument(
+        "--concurrency",
+        type=int,
+        default=None,
+        help="requests in flight at once (default: SYNC_CONCURRENCY, else 16)",
+    )
     fill.add_argument("--start", help="first day YYYY-MM-DD (default: five years before --end)")
     fill.add_argument("--end", help="last day YYYY-MM-DD (default: yesterday, UTC)")
     fill.add_argument(
@@ -93,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--retry-failed", action="store_true", help="reprocess only the tickers that failed"
     )
     fill.add_argument("--json", action="store_true", help="print the summary as JSON")
+    _builtin_api_option(fill)
     fill.set_defaults(handler=cmd_run_fill_cache)
 
     docs = jobs.add_parser("document-sync", help="incremental cursor sync of DIP documents")
@@ -109,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     docs.add_argument("--end", help="only records updated up to this day (default: now)")
     docs.add_argument("--since", help="only records updated from this day (default: last sync)")
     docs.add_argument("--json", action="store_true", help="print the summary as JSON")
+    _builtin_api_option(docs)
     docs.set_defaults(handler=cmd_run_document_sync)
 
     status = sub.add_parser("status", help="latest runs, progress and failed items")
@@ -149,6 +161,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _builtin_api_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--builtin-api",
+        action="store_true",
+        help="read the built-in simulator on loopback instead of a configured API "
+        "(demos and tests; made-up data)",
+    )
+
+
 # --- run ------------------------------------------------------------------------------
 
 
@@ -156,29 +177,30 @@ def cmd_run_daily_sync(args: argparse.Namespace) -> int:
     from syncpoint import settings
 
     day = settings.run_date(args.date)
-    batch_size = args.batch_size
-    if batch_size is None:
-        batch_size = settings.env_int("SYNC_BATCH_SIZE", 50)
-    settings.positive("--batch-size", batch_size)
-    settings.positive("--concurrency", args.concurrency, allow_none=True)
-    settings.positive("--max-items", args.max_items, allow_none=True)
+    settings.positive("--max-items", args.max_items)
     if args.tickers_file:
         from syncpoint.sources.universe import tickers_from_file
 
         tickers_from_file(args.tickers_file)  # an unusable file is a usage error, now
-    settings.market_api()  # validates MARKET_API_* before Prefect starts
+    parameters = {
+        "batch_size": args.batch_size,
+        "concurrency": args.concurrency,
+        "builtin_api": args.builtin_api or None,
+    }
+    # The flow resolves the same parameters the same way; this answers before Prefect starts.
+    config = settings.resolve_daily_sync(**parameters)
     return _run_flow(
         "syncpoint.flows.daily_sync:daily_sync",
         {
+            **parameters,
             "run_date": day.isoformat(),
             "tickers_file": args.tickers_file,
             "ticker_source": args.ticker_source,
-            "batch_size": batch_size,
-            "concurrency": args.concurrency,
             "max_items": args.max_items,
             "fresh": args.fresh,
         },
         args.json,
+        config.data,
     )
 
 
@@ -186,26 +208,31 @@ def cmd_run_fill_cache(args: argparse.Namespace) -> int:
     from syncpoint import settings
 
     first, last = settings.history_range(args.start, args.end)
-    settings.positive("--batch-size", args.batch_size)
-    settings.positive("--max-batches", args.max_batches, allow_none=True)
+    settings.positive("--max-batches", args.max_batches)
     tickers = [t for t in (args.tickers or "").split(",") if t.strip()]
     if args.ticker_source == "custom" and not tickers:
         raise ConfigError("--ticker-source custom needs --tickers A,B,...")
     if tickers and args.ticker_source != "custom":
         raise ConfigError("--tickers goes with --ticker-source custom")
-    settings.market_api()
+    parameters = {
+        "batch_size": args.batch_size,
+        "concurrency": args.concurrency,
+        "builtin_api": args.builtin_api or None,
+    }
+    config = settings.resolve_fill_cache(**parameters)
     return _run_flow(
         "syncpoint.flows.fill_cache:fill_cache",
         {
+            **parameters,
             "ticker_source": args.ticker_source,
             "tickers": tickers or None,
-            "batch_size": args.batch_size,
             "start": first.isoformat(),
             "end": last.isoformat(),
             "max_batches": args.max_batches,
             "retry_failed": args.retry_failed,
         },
         args.json,
+        config.data,
     )
 
 
@@ -219,7 +246,7 @@ def cmd_run_document_sync(args: argparse.Namespace) -> int:
     for value in (args.end, args.since):
         if value:
             settings.run_date(value)
-    settings.dip_api()  # validates DIP_API_* before Prefect starts
+    config = settings.resolve_document_sync(builtin_api=args.builtin_api or None)
     return _run_flow(
         "syncpoint.flows.document_sync:document_sync",
         {
@@ -228,18 +255,18 @@ def cmd_run_document_sync(args: argparse.Namespace) -> int:
             "resume": args.resume or args.resume_all,
             "end": args.end,
             "since": args.since,
+            "builtin_api": args.builtin_api or None,
         },
         args.json,
+        config.data,
     )
 
 
-def _run_flow(entrypoint: str, parameters: dict[str, Any], as_json: bool) -> int:
-    """Validate the environment, then run the flow in this process and report it."""
+def _run_flow(entrypoint: str, parameters: dict[str, Any], as_json: bool, data: Database) -> int:
+    """Check the database, then run the flow in this process and report it."""
     import importlib
 
-    from syncpoint import settings
-
-    settings.database().engine()  # a bad or unwritable database fails here, in a line
+    data.engine()  # a bad or unwritable database fails here, in a line
     _quiet_prefect()
     module, name = entrypoint.split(":")
     flow = getattr(importlib.import_module(module), name)
@@ -321,7 +348,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def _batch_job_status(ledger: Any, runs: list[Any], args: argparse.Namespace) -> int:
-    """Seed 001's status: progress and batches of the latest run, or of --key."""
+    """The batch-job status: progress and batches of the latest run, or of --key."""
     from syncpoint.engine.report import batch_job_status, status_text
 
     if not runs:

@@ -1,19 +1,26 @@
-"""Settings from parameters, blocks and environment variables, validated in one place.
+"""Every setting of a run, resolved once into one typed object.
 
-Precedence: an explicit parameter, then a named block, then an environment variable,
-then the embedded default (SQLite in the working directory, the built-in API).
+Precedence, the same for the CLI and for deployment runs: a flow parameter, then a named
+block, then an environment variable, then the built-in default. The CLI passes its
+options as flow parameters and calls the same `resolve_*` functions to check them before
+Prefect starts, so a setting cannot behave differently by entry point.
+
+The built-in API (the simulator on loopback) is used only when asked for
+(`builtin_api=True`, `--builtin-api` or SYNCPOINT_BUILTIN_API=1): a worker without an API
+configured fails at once instead of syncing made-up prices into production tables.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import TypeVar, cast
+from typing import Any, Generic, TypeVar, cast
 
-from pydantic import SecretStr
+from pydantic import AliasChoices, Field, SecretStr, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from syncpoint.blocks.checkpoint import CheckpointStore
 from syncpoint.blocks.dip_api import DipApi
@@ -22,52 +29,92 @@ from syncpoint.core.db import Database
 from syncpoint.core.errors import ConfigError
 from syncpoint.core.ledger import STALE_AFTER_SECONDS
 
-DEFAULT_DATABASE_FILE = "syncpoint.core.db"
+DEFAULT_DATABASE_FILE = "syncpoint.db"
+DAILY_BATCH_SIZE = 50
+FILL_CACHE_BATCH_SIZE = 5
+CONCURRENCY = 16
+PRICE_DAYS = 5
+DIP_CHECKPOINT_RECORDS = 500
+DIP_CHECKPOINT_SECONDS = 30.0
 
 
-def env_int(name: str, default: int, *, minimum: int = 1) -> int:
-    raw = os.environ.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
-    if value < minimum:
-        raise ConfigError(f"{name} must be at least {minimum}, got {value}")
-    return value
+def _env(name: str) -> Any:
+    return Field(default=None, validation_alias=AliasChoices(name))
 
 
-def flow_retries() -> tuple[int, int]:
-    """Prefect retries of a whole flow run (seed 000's platform retries): count, delay.
+class Environment(BaseSettings):
+    """The environment variables syncpoint reads (README, Configuration), validated."""
 
-    Read when a flow module is imported, i.e. by the worker's process for deployments.
-    """
-    return (
-        env_int("SYNCPOINT_FLOW_RETRIES", 2, minimum=0),
-        env_int("SYNCPOINT_FLOW_RETRY_DELAY_SECONDS", 300, minimum=0),
+    model_config = SettingsConfigDict(extra="ignore", case_sensitive=True)
+
+    database_url: SecretStr | None = _env("SYNCPOINT_DATABASE_URL")
+    checkpoint_url: SecretStr | None = _env("SYNCPOINT_CHECKPOINT_URL")
+    checkpoint_retention_days: int | None = Field(
+        default=None, ge=1, validation_alias=AliasChoices("SYNCPOINT_CHECKPOINT_RETENTION_DAYS")
+    )
+    stale_after_seconds: float | None = Field(
+        default=None, gt=0, validation_alias=AliasChoices("SYNCPOINT_STALE_AFTER_SECONDS")
+    )
+    builtin_api: bool | None = _env("SYNCPOINT_BUILTIN_API")
+    market_api_url: str | None = _env("MARKET_API_URL")
+    market_api_key: SecretStr | None = _env("MARKET_API_KEY")
+    market_api_rate_limit: float | None = Field(
+        default=None, gt=0, validation_alias=AliasChoices("MARKET_API_RATE_LIMIT")
+    )
+    market_api_global_rate_limit: str | None = _env("MARKET_API_GLOBAL_RATE_LIMIT")
+    dip_api_url: str | None = _env("DIP_API_URL")
+    dip_api_key: SecretStr | None = _env("DIP_API_KEY")
+    dip_api_rate_limit: float | None = Field(
+        default=None, gt=0, validation_alias=AliasChoices("DIP_API_RATE_LIMIT")
+    )
+    dip_api_global_rate_limit: str | None = _env("DIP_API_GLOBAL_RATE_LIMIT")
+    batch_size: int | None = Field(
+        default=None, ge=1, validation_alias=AliasChoices("SYNC_BATCH_SIZE")
+    )
+    concurrency: int | None = Field(
+        default=None, ge=1, le=256, validation_alias=AliasChoices("SYNC_CONCURRENCY")
+    )
+    price_days: int | None = Field(
+        default=None, ge=1, validation_alias=AliasChoices("SYNC_DAYS_STOCK_PRICES")
+    )
+    dip_checkpoint_records: int | None = Field(
+        default=None, ge=1, validation_alias=AliasChoices("DIP_CHECKPOINT_RECORDS")
+    )
+    dip_checkpoint_seconds: float | None = Field(
+        default=None, gt=0, validation_alias=AliasChoices("DIP_CHECKPOINT_SECONDS")
+    )
+    flow_retries: int = Field(default=2, ge=0, validation_alias="SYNCPOINT_FLOW_RETRIES")
+    flow_retry_delay_seconds: int = Field(
+        default=300, ge=0, validation_alias="SYNCPOINT_FLOW_RETRY_DELAY_SECONDS"
     )
 
 
-def env_float(name: str) -> float | None:
-    raw = os.environ.get(name)
-    if raw is None or raw.strip() == "":
-        return None
+def environment() -> Environment:
+    """The environment, read now; a bad value is one ConfigError naming the variable."""
     try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
-    if value <= 0:
-        raise ConfigError(f"{name} must be positive, got {raw}")
-    return value
+        # Empty values count as unset, as a shell user means by `export X=`.
+        return Environment(_env_parse_none_str="")  # type: ignore[call-arg]
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = str(first["loc"][0]) if first["loc"] else "a variable"
+        raise ConfigError(f"{name}: {first['msg']} (got {first.get('input')!r:.60})") from None
 
 
-def positive(name: str, value: int | None, *, allow_none: bool = False) -> int | None:
-    if value is None:
-        if allow_none:
-            return None
-        raise ConfigError(f"{name} is required")
-    if value < 1:
+def flow_retries() -> tuple[int, int]:
+    """Automatic retries of a deployment's flow run (each resumes): count, delay in seconds.
+
+    Read when a flow module is imported, i.e. by the worker's process.
+    """
+    env = environment()
+    return env.flow_retries, env.flow_retry_delay_seconds
+
+
+# --- values given as parameters -----------------------------------------------------------
+
+
+def positive(name: str, value: int | None) -> int | None:
+    """`value` if it is a whole number >= 1 (None passes: not given)."""
+    if value is not None and value < 1:
         raise ConfigError(f"{name} must be at least 1, got {value}")
     return value
 
@@ -84,7 +131,7 @@ def run_date(value: str | date | None) -> date:
         raise ConfigError(f"bad date {value!r}: use YYYY-MM-DD") from None
 
 
-def history_range(start: str | None, end: str | None) -> tuple[date, date]:
+def history_range(start: str | date | None, end: str | date | None) -> tuple[date, date]:
     """[start, end] for a backfill: default five years back to yesterday (UTC)."""
     last = run_date(end) if end else datetime.now(UTC).date() - timedelta(days=1)
     if start:
@@ -99,89 +146,246 @@ def history_range(start: str | None, end: str | None) -> tuple[date, date]:
     return first, last
 
 
-def database(block_name: str | None = None) -> Database:
+def _first(*values: Any) -> Any:
+    return next((v for v in values if v is not None), None)
+
+
+# --- databases ------------------------------------------------------------------------
+
+
+def database(block_name: str | None = None, env: Environment | None = None) -> Database:
     """The data database: a SqlAlchemyConnector block, SYNCPOINT_DATABASE_URL, or SQLite."""
+    env = env or environment()
     if block_name:
         from prefect_sqlalchemy import SqlAlchemyConnector
 
-        connector = SqlAlchemyConnector.load(block_name)
-        return Database.from_url(connector._rendered_url.render_as_string(hide_password=False))
-    url = os.environ.get("SYNCPOINT_DATABASE_URL")
-    if url:
-        return Database.from_url(url)
+        return Database.from_connector(_load(SqlAlchemyConnector, block_name))
+    if env.database_url is not None:
+        return Database.from_url(env.database_url.get_secret_value())
     return Database.from_url(f"sqlite:///{Path.cwd() / DEFAULT_DATABASE_FILE}")
 
 
-def checkpoint_store(block_name: str | None = None) -> CheckpointStore:
+def checkpoint_store(
+    block_name: str | None = None, env: Environment | None = None
+) -> CheckpointStore:
+    """Where checkpoints live and how long they are kept: a block, or the environment."""
     if block_name:
-        return cast(CheckpointStore, CheckpointStore.load(block_name))
-    url = os.environ.get("SYNCPOINT_CHECKPOINT_URL")
+        return _load(CheckpointStore, block_name)
+    env = env or environment()
     return CheckpointStore(
-        database_url=SecretStr(url) if url else None,
-        retention_days=env_int("SYNCPOINT_CHECKPOINT_RETENTION_DAYS", 30),
-        stale_after_seconds=env_float("SYNCPOINT_STALE_AFTER_SECONDS") or STALE_AFTER_SECONDS,
+        database_url=env.checkpoint_url,
+        retention_days=_first(env.checkpoint_retention_days, 30),
+        stale_after_seconds=_first(env.stale_after_seconds, STALE_AFTER_SECONDS),
     )
 
 
-ApiBlock = TypeVar("ApiBlock", bound=MarketApi)
+BlockT = TypeVar("BlockT")
 
 
-def http_api(
-    kind: type[ApiBlock], env_prefix: str, block_name: str | None, concurrency: int | None
-) -> ApiBlock | None:
-    """An HTTP API's settings from a block or <env_prefix>_URL/_KEY/_RATE_LIMIT/...;
-    None when the URL is unset and the built-in API should be used."""
+def _load(kind: type[BlockT], name: str) -> BlockT:
+    try:
+        return cast(BlockT, kind.load(name))  # type: ignore[attr-defined]
+    except ValueError as exc:
+        title = getattr(kind, "get_block_type_name", lambda: kind.__name__)()
+        raise ConfigError(f"cannot load the {title} block {name!r}: {exc}") from None
+
+
+# --- APIs -----------------------------------------------------------------------------
+
+ApiT = TypeVar("ApiT", MarketApi, DipApi)
+
+
+@dataclass(frozen=True)
+class ApiChoice(Generic[ApiT]):
+    """The API a run reads: a configured one, or the built-in one (started on use)."""
+
+    kind: type[ApiT]
+    api: ApiT | None  # None: the built-in API, whose address is known once it runs
+    concurrency: int
+
+    @property
+    def builtin(self) -> bool:
+        return self.api is None
+
+    @contextmanager
+    def session(self) -> Iterator[ApiT]:
+        """The API's settings for the run; the built-in API serves until the block ends."""
+        if self.api is not None:
+            yield self.api
+            return
+        from syncpoint.simulator import MarketSimulator
+
+        with MarketSimulator() as sim:
+            yield self.kind(base_url=sim.base_url, concurrency=self.concurrency)
+
+
+def _api(
+    kind: type[ApiT],
+    *,
+    prefix: str,
+    block_name: str | None,
+    concurrency: int | None,
+    builtin: bool | None,
+    env: Environment,
+) -> ApiChoice[ApiT]:
+    env_values = {
+        "url": getattr(env, f"{prefix}_api_url"),
+        "key": getattr(env, f"{prefix}_api_key"),
+        "rate": getattr(env, f"{prefix}_api_rate_limit"),
+        "global": getattr(env, f"{prefix}_api_global_rate_limit"),
+    }
+    variable = f"{prefix.upper()}_API_URL"
     if block_name:
-        api = cast(ApiBlock, kind.load(block_name))
-    else:
-        url = os.environ.get(f"{env_prefix}_URL")
-        if not url:
-            return None
-        key = os.environ.get(f"{env_prefix}_KEY")
-        api = kind(
-            base_url=url.rstrip("/"),
-            api_key=SecretStr(key) if key else None,
-            requests_per_minute=env_float(f"{env_prefix}_RATE_LIMIT"),
-            global_rate_limit=os.environ.get(f"{env_prefix}_GLOBAL_RATE_LIMIT") or None,
-            concurrency=env_int("SYNC_CONCURRENCY", 16),
+        api = _load(kind, block_name)
+        chosen = _first(concurrency, api.concurrency)
+        return ApiChoice(kind, api.model_copy(update={"concurrency": chosen}), chosen)
+    chosen = _first(concurrency, env.concurrency, CONCURRENCY)
+    if _first(builtin, env.builtin_api, False):
+        return ApiChoice(kind, None, chosen)
+    if not env_values["url"]:
+        title = kind.get_block_type_name()
+        raise ConfigError(
+            f"no API configured: set {variable} (and {prefix.upper()}_API_KEY), name a "
+            f"'{title}' block, or ask for the built-in simulator with --builtin-api "
+            "(SYNCPOINT_BUILTIN_API=1)"
         )
-    if concurrency is not None:
-        api = api.model_copy(update={"concurrency": positive("concurrency", concurrency)})
-    return api
+    api = kind(
+        base_url=str(env_values["url"]).rstrip("/"),
+        api_key=env_values["key"],
+        requests_per_minute=env_values["rate"],
+        global_rate_limit=env_values["global"] or None,
+        concurrency=chosen,
+    )
+    return ApiChoice(kind, api, chosen)
 
 
-def market_api(block_name: str | None = None, concurrency: int | None = None) -> MarketApi | None:
-    """The configured market API (MARKET_API_*), or None for the built-in one."""
-    return http_api(MarketApi, "MARKET_API", block_name, concurrency)
+# --- per job --------------------------------------------------------------------------
 
 
-def dip_api(block_name: str | None = None) -> DipApi | None:
-    """The configured documents API (DIP_API_*), or None for the built-in one."""
-    return http_api(DipApi, "DIP_API", block_name, None)
+@dataclass(frozen=True)
+class RunSettings(Generic[ApiT]):
+    """One run's settings, resolved once; flows read nothing else."""
+
+    data: Database
+    checkpoints: CheckpointStore
+    api: ApiChoice[ApiT]
+    batch_size: int = 1
+    price_days: int = PRICE_DAYS
+    checkpoint_every_records: int = DIP_CHECKPOINT_RECORDS
+    checkpoint_every_seconds: float = DIP_CHECKPOINT_SECONDS
 
 
-@contextmanager
-def api_session(
-    kind: type[ApiBlock], configured: ApiBlock | None, concurrency: int | None = None
-) -> Iterator[tuple[ApiBlock, bool]]:
-    """The API for a run, starting the built-in one on loopback if none is configured.
+def _common(
+    kind: type[ApiT],
+    prefix: str,
+    *,
+    api_block: str | None,
+    database_block: str | None,
+    checkpoint_block: str | None,
+    concurrency: int | None,
+    builtin_api: bool | None,
+) -> tuple[Environment, Database, CheckpointStore, ApiChoice[ApiT]]:
+    env = environment()
+    positive("concurrency", concurrency)
+    api = _api(
+        kind,
+        prefix=prefix,
+        block_name=api_block,
+        concurrency=concurrency,
+        builtin=builtin_api,
+        env=env,
+    )
+    return env, database(database_block, env), checkpoint_store(checkpoint_block, env), api
 
-    Yields (api, built_in). The built-in simulator serves the market and DIP endpoints.
-    """
-    if configured is not None:
-        yield configured, False
-        return
-    from syncpoint.simulator import MarketSimulator
 
-    with MarketSimulator() as sim:
-        yield kind(base_url=sim.base_url, concurrency=concurrency or 16), True
+def resolve_daily_sync(
+    *,
+    batch_size: int | None = None,
+    concurrency: int | None = None,
+    price_days: int | None = None,
+    builtin_api: bool | None = None,
+    market_api_block: str | None = None,
+    database_block: str | None = None,
+    checkpoint_block: str | None = None,
+) -> RunSettings[MarketApi]:
+    positive("batch_size", batch_size)
+    positive("price_days", price_days)
+    env, data, store, api = _common(
+        MarketApi,
+        "market",
+        api_block=market_api_block,
+        database_block=database_block,
+        checkpoint_block=checkpoint_block,
+        concurrency=concurrency,
+        builtin_api=builtin_api,
+    )
+    return RunSettings(
+        data,
+        store,
+        api,
+        batch_size=_first(batch_size, env.batch_size, DAILY_BATCH_SIZE),
+        price_days=_first(price_days, env.price_days, PRICE_DAYS),
+    )
 
 
-def market_api_session(
-    block_name: str | None = None, concurrency: int | None = None
-) -> AbstractContextManager[tuple[MarketApi, bool]]:
-    return api_session(MarketApi, market_api(block_name, concurrency), concurrency)
+def resolve_fill_cache(
+    *,
+    batch_size: int | None = None,
+    concurrency: int | None = None,
+    builtin_api: bool | None = None,
+    market_api_block: str | None = None,
+    database_block: str | None = None,
+    checkpoint_block: str | None = None,
+) -> RunSettings[MarketApi]:
+    positive("batch_size", batch_size)
+    _env_values, data, store, api = _common(
+        MarketApi,
+        "market",
+        api_block=market_api_block,
+        database_block=database_block,
+        checkpoint_block=checkpoint_block,
+        concurrency=concurrency,
+        builtin_api=builtin_api,
+    )
+    # Five tickers a batch is the backfill's progress and checkpoint grain; SYNC_BATCH_SIZE
+    # is the nightly sync's and does not apply here.
+    size = _first(batch_size, FILL_CACHE_BATCH_SIZE)
+    return RunSettings(data, store, api, batch_size=size)
 
 
-def dip_api_session(block_name: str | None = None) -> AbstractContextManager[tuple[DipApi, bool]]:
-    return api_session(DipApi, dip_api(block_name))
+def resolve_document_sync(
+    *,
+    checkpoint_every_records: int | None = None,
+    checkpoint_every_seconds: float | None = None,
+    builtin_api: bool | None = None,
+    dip_api_block: str | None = None,
+    database_block: str | None = None,
+    checkpoint_block: str | None = None,
+) -> RunSettings[DipApi]:
+    positive("checkpoint_every_records", checkpoint_every_records)
+    if checkpoint_every_seconds is not None and checkpoint_every_seconds <= 0:
+        raise ConfigError(
+            f"checkpoint_every_seconds must be positive, got {checkpoint_every_seconds}"
+        )
+    env, data, store, api = _common(
+        DipApi,
+        "dip",
+        api_block=dip_api_block,
+        database_block=database_block,
+        checkpoint_block=checkpoint_block,
+        concurrency=None,
+        builtin_api=builtin_api,
+    )
+    return RunSettings(
+        data,
+        store,
+        api,
+        checkpoint_every_records=_first(
+            checkpoint_every_records,
+            env.dip_checkpoint_records,
+            DIP_CHECKPOINT_RECORDS,
+        ),
+        checkpoint_every_seconds=_first(
+            checkpoint_every_seconds, env.dip_checkpoint_seconds, DIP_CHECKPOINT_SECONDS
+        ),
+    )

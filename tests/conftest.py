@@ -26,6 +26,9 @@ for _name in (
     "SYNC_BATCH_SIZE",
     "SYNC_CONCURRENCY",
     "SYNC_DAYS_STOCK_PRICES",
+    "SYNCPOINT_BUILTIN_API",
+    "DIP_API_URL",
+    "DIP_API_KEY",
 ):
     os.environ.pop(_name, None)
 
@@ -116,7 +119,7 @@ def tickers_file(directory: Path, tickers: list[str]) -> Path:
 
 
 def cli_env(prefect_api: str, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MARKET_", "SYNC"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MARKET_", "DIP_", "SYNC"))}
     env.update({"PREFECT_API_URL": prefect_api, "PYTHONUNBUFFERED": "1"})
     env.update(extra)
     return env

@@ -23,7 +23,7 @@ class CheckpointStore(Block):
         from syncpoint.core.db import Database
 
         store = CheckpointStore.load("BLOCK_NAME")
-        ledger = store.ledger(fallback=Database.from_url("sqlite:///syncpoint.core.db"))
+        ledger = store.ledger(fallback=Database.from_url("sqlite:///syncpoint.db"))
         print(ledger.runs("daily-sync"))
         ```
     """
@@ -58,9 +58,7 @@ class CheckpointStore(Block):
     def target(self, fallback: Database) -> Database:
         """The database holding checkpoints; `fallback` (the data database) if unset."""
         if self.database is not None:
-            return Database.from_url(
-                self.database._rendered_url.render_as_string(hide_password=False)
-            )
+            return Database.from_connector(self.database)
         if self.database_url is not None:
             return Database.from_url(self.database_url.get_secret_value())
         return fallback

@@ -6,10 +6,11 @@ logged without leaking a password; `describe()` is the only form that reaches ou
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,27 +23,43 @@ from syncpoint.core.errors import ConfigError, StorageError
 from syncpoint.core.redact import redact
 from syncpoint.core.tables import metadata
 
-_engines: dict[str, Engine] = {}
+_engines: dict[tuple[str, str], Engine] = {}
 _lock = threading.Lock()
 
 
 @dataclass(frozen=True)
 class Database:
-    """A SQL database syncpoint reads and writes, by SQLAlchemy URL."""
+    """A SQL database syncpoint reads and writes, by SQLAlchemy URL.
+
+    `connect_args` go to the driver as they are (e.g. sslmode, sslrootcert from a
+    SqlAlchemyConnector block); a SecretStr, because they may hold a password too.
+    """
 
     url: SecretStr
+    connect_args: SecretStr = field(default_factory=lambda: SecretStr("{}"))
 
     @classmethod
-    def from_url(cls, url: str) -> Database:
+    def from_url(cls, url: str | URL, connect_args: dict[str, Any] | None = None) -> Database:
         try:
             parsed = make_url(url)
         except ArgumentError as exc:
-            raise ConfigError(f"not a database URL: {_safe(url)!r} ({exc})") from None
+            raise ConfigError(f"not a database URL: {_safe(str(url))!r} ({exc})") from None
         if parsed.get_backend_name() not in ("sqlite", "postgresql"):
             raise ConfigError(
                 f"unsupported database {parsed.get_backend_name()!r}: use sqlite or postgresql"
             )
-        return cls(SecretStr(_normalise(parsed).render_as_string(hide_password=False)))
+        return cls(
+            SecretStr(_normalise(parsed).render_as_string(hide_password=False)),
+            SecretStr(json.dumps(connect_args or {}, sort_keys=True, default=str)),
+        )
+
+    @classmethod
+    def from_connector(cls, connector: Any) -> Database:
+        """A prefect_sqlalchemy SqlAlchemyConnector block's database, through its public
+        fields: the URL its connection_info builds and its connect_args."""
+        info = connector.connection_info
+        url = info.create_url() if hasattr(info, "create_url") else make_url(str(info))
+        return cls.from_url(url, dict(connector.connect_args or {}))
 
     @property
     def dialect(self) -> str:
@@ -53,7 +70,7 @@ class Database:
         return make_url(self.url.get_secret_value()).render_as_string(hide_password=True)
 
     def engine(self) -> Engine:
-        return engine_for(self.url.get_secret_value())
+        return engine_for(self.url.get_secret_value(), self.connect_args.get_secret_value())
 
     def same_as(self, other: Database) -> bool:
         return self.url.get_secret_value() == other.url.get_secret_value()
@@ -90,19 +107,24 @@ def _safe(url: str) -> str:
 
 
 def _normalise(url: URL) -> URL:
-    # Plain postgresql:// would pick psycopg2, which we do not install; psycopg 3 is.
-    if url.drivername == "postgresql":
+    # syncpoint speaks psycopg 3 (its bulk path uses COPY through it) and plain sqlite3:
+    # postgresql://, +psycopg2 and +asyncpg URLs (a connector block's usual drivers) and
+    # sqlite+aiosqlite reach the same database through the driver syncpoint ships.
+    if url.get_backend_name() == "postgresql":
         return url.set(drivername="postgresql+psycopg")
+    if url.get_backend_name() == "sqlite":
+        return url.set(drivername="sqlite")
     return url
 
 
-def engine_for(url: str) -> Engine:
-    """The process-wide engine for `url`, with the schema created on first use."""
+def engine_for(url: str, connect_args: str = "{}") -> Engine:
+    """The process-wide engine for `url` (and its JSON `connect_args`), with the schema
+    checked on first use."""
     with _lock:
-        engine = _engines.get(url)
+        engine = _engines.get((url, connect_args))
         if engine is None:
-            engine = _create(url)
-            _engines[url] = engine
+            engine = _create(url, json.loads(connect_args))
+            _engines[(url, connect_args)] = engine
         return engine
 
 
@@ -113,13 +135,13 @@ def dispose_engines() -> None:
         _engines.clear()
 
 
-def _create(url: str) -> Engine:
+def _create(url: str, connect_args: dict[str, Any]) -> Engine:
     parsed = make_url(url)
-    kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    kwargs: dict[str, Any] = {"pool_pre_ping": True, "connect_args": dict(connect_args)}
     if parsed.get_backend_name() == "sqlite":
         _check_sqlite_path(parsed)
         # Prefect runs tasks in worker threads; each borrows its own connection.
-        kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+        kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30, **connect_args}
     engine = create_engine(parsed, **kwargs)
     if parsed.get_backend_name() == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)

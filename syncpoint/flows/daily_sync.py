@@ -1,6 +1,6 @@
 """The nightly market sync: universe -> prices -> valuations, resumable per (job, date).
 
-Seeds 000 and 002: a failed stage is logged and the next one still runs; a rerun of the
+A failed stage is logged and the next one still runs; a rerun of the
 same date continues where the last attempt stopped and never requests a done ticker.
 """
 
@@ -12,6 +12,7 @@ from typing import Any, cast
 from prefect import get_run_logger
 
 from syncpoint import settings
+from syncpoint.core.errors import ConfigError
 from syncpoint.engine.batch_map import StageRun
 from syncpoint.engine.job_run import JobRun
 from syncpoint.flows.job_flow import job_flow
@@ -29,41 +30,47 @@ def daily_sync(
     run_date: str | None = None,
     tickers_file: str | None = None,
     ticker_source: str = "sp500",
-    batch_size: int = 50,
+    batch_size: int | None = None,
     concurrency: int | None = None,
     max_items: int | None = None,
+    price_days: int | None = None,
     fresh: bool = False,
+    builtin_api: bool | None = None,
     market_api_block: str | None = None,
     database_block: str | None = None,
     checkpoint_block: str | None = None,
 ) -> dict[str, Any]:
-    """Sync prices (last SYNC_DAYS_STOCK_PRICES days) and DCF valuations for a ticker set.
+    """Sync the last `price_days` days of prices and the latest DCF valuations.
 
     `max_items` caps how many tickers each stage processes in this run (status partial;
     the next run continues). `fresh` discards the date's checkpoint and starts over.
     """
     logger = get_run_logger()
     day = settings.run_date(run_date)
-    batch_size = settings.positive("batch_size", batch_size) or 1
-    max_items = settings.positive("max_items", max_items, allow_none=True)
-    price_days = settings.env_int("SYNC_DAYS_STOCK_PRICES", 5)
-    data = settings.database(database_block)
+    max_items = settings.positive("max_items", max_items)
+    config = settings.resolve_daily_sync(
+        batch_size=batch_size,
+        concurrency=concurrency,
+        price_days=price_days,
+        builtin_api=builtin_api,
+        market_api_block=market_api_block,
+        database_block=database_block,
+        checkpoint_block=checkpoint_block,
+    )
 
-    with settings.market_api_session(market_api_block, concurrency) as (api, built_in):
-        if built_in:
-            logger.info(
-                "MARKET_API_URL is not set: using the built-in market API at %s", api.base_url
-            )
+    with config.api.session() as api:
+        if config.api.builtin:
+            logger.info("using the built-in market API at %s, as asked", api.base_url)
         with JobRun(
             JOB,
             day.isoformat(),
-            data=data,
-            store=settings.checkpoint_store(checkpoint_block),
+            data=config.data,
+            store=config.checkpoints,
             stages=STAGES,
             params={
                 "ticker_source": ticker_source,
                 "tickers_file": tickers_file,
-                "price_days": price_days,
+                "price_days": config.price_days,
             },
             fresh=fresh,
             logger=logger,
@@ -75,16 +82,16 @@ def daily_sync(
             tickers = lambda: run.items_done("universe")  # noqa: E731
             run.map_stage(
                 "prices",
-                PricesSource(api, day - timedelta(days=price_days), day),
+                PricesSource(api, day - timedelta(days=config.price_days), day),
                 items=tickers,
-                batch_size=batch_size,
+                batch_size=config.batch_size,
                 max_items=max_items,
             )
             run.map_stage(
                 "valuations",
                 ValuationsSource(api),
                 items=tickers,
-                batch_size=batch_size,
+                batch_size=config.batch_size,
                 max_items=max_items,
             )
             return run.finish()
@@ -101,8 +108,6 @@ def _universe(
     if universe.duplicates:
         run.logger.info("ignored %d duplicate tickers", universe.duplicates)
     if not universe.tickers:
-        from syncpoint.core.errors import ConfigError
-
         raise ConfigError("the ticker list has no valid tickers")
     run.register_settled("universe", universe.tickers, universe.rejected)
     return StageRun(requests=universe.requests)

@@ -1,4 +1,4 @@
-"""Seeds 003 and 004: incremental, cursor-paged document sync with per-entity checkpoints.
+"""Incremental, cursor-paged document sync with one checkpoint per entity.
 
 Each entity is its own checkpoint (job document-sync, run key = entity): its cursor, the
 window it is reading and the end of its last completed window. A new run asks only for
@@ -34,6 +34,7 @@ def document_sync(
     since: str | None = None,
     checkpoint_every_records: int | None = None,
     checkpoint_every_seconds: float | None = None,
+    builtin_api: bool | None = None,
     dip_api_block: str | None = None,
     database_block: str | None = None,
     checkpoint_block: str | None = None,
@@ -43,19 +44,23 @@ def document_sync(
     entities = _entities(entity, all_entities)
     window_end = _day_end(end) if end else now_iso()
     window_since = _day_start(since) if since else None
-    every_records = checkpoint_every_records or settings.env_int("DIP_CHECKPOINT_RECORDS", 500)
-    every_seconds = checkpoint_every_seconds or settings.env_float("DIP_CHECKPOINT_SECONDS") or 30.0
-    data = settings.database(database_block)
-    store = settings.checkpoint_store(checkpoint_block)
+    config = settings.resolve_document_sync(
+        checkpoint_every_records=checkpoint_every_records,
+        checkpoint_every_seconds=checkpoint_every_seconds,
+        builtin_api=builtin_api,
+        dip_api_block=dip_api_block,
+        database_block=database_block,
+        checkpoint_block=checkpoint_block,
+    )
     stop = StopFlag()
     hint = "Resume with: syncpoint run document-sync " + (
         "--all --resume-all" if all_entities else f"--entity {entities[0]} --resume"
     )
     results: list[dict[str, Any]] = []
 
-    with settings.dip_api_session(dip_api_block) as (api, built_in), graceful_stop(stop, hint):
-        if built_in:
-            logger.info("DIP_API_URL is not set: using the built-in API at %s", api.base_url)
+    with config.api.session() as api, graceful_stop(stop, hint):
+        if config.api.builtin:
+            logger.info("using the built-in documents API at %s, as asked", api.base_url)
         for name in entities:
             if stop.requested:
                 results.append({"entity": name, "status": "partial", "error": stop.reason})
@@ -64,8 +69,8 @@ def document_sync(
                 with JobRun(
                     JOB,
                     name,
-                    data=data,
-                    store=store,
+                    data=config.data,
+                    store=config.checkpoints,
                     stages=("stream",),
                     params={"entity": name},
                     fresh=False,
@@ -81,8 +86,8 @@ def document_sync(
                         resume=resume,
                         since=window_since,
                         end=window_end,
-                        max_records=every_records,
-                        max_seconds=every_seconds,
+                        max_records=config.checkpoint_every_records,
+                        max_seconds=config.checkpoint_every_seconds,
                     )
                 results.append({"entity": name, **summary})
             except (CheckpointError, RunFailed) as exc:

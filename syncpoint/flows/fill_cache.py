@@ -1,8 +1,9 @@
-"""Seed 001's historical backfill: fill stock_prices for many tickers in small batches.
+"""The historical backfill: fill stock_prices for many tickers in small batches.
 
 A run is (ticker source, start, end). Tickers whose range is already stored are settled
-before any request; the rest go in batches of `batch_size` (5, as in the seed) until done,
-or until `max_batches` for a time-boxed run (status partial; the next run continues).
+before any request; the rest go in batches of `batch_size` (default 5, the grain of
+progress and of checkpoints) until done, or until `max_batches` for a time-boxed run
+(status partial; the next run continues).
 `retry_failed` reopens the run and reprocesses only the tickers that failed.
 """
 
@@ -33,11 +34,13 @@ STAGES = ("universe", "history")
 def fill_cache(
     ticker_source: str = "sp500",
     tickers: list[str] | None = None,
-    batch_size: int = 5,
+    batch_size: int | None = None,
+    concurrency: int | None = None,
     start: str | None = None,
     end: str | None = None,
     max_batches: int | None = None,
     retry_failed: bool = False,
+    builtin_api: bool | None = None,
     market_api_block: str | None = None,
     database_block: str | None = None,
     checkpoint_block: str | None = None,
@@ -46,20 +49,26 @@ def fill_cache(
     between `start` and `end` (default: five years back to yesterday)."""
     logger = get_run_logger()
     first, last = settings.history_range(start, end)
-    batch_size = settings.positive("batch_size", batch_size) or 5
-    max_batches = settings.positive("max_batches", max_batches, allow_none=True)
-    data = settings.database(database_block)
+    max_batches = settings.positive("max_batches", max_batches)
+    config = settings.resolve_fill_cache(
+        batch_size=batch_size,
+        concurrency=concurrency,
+        builtin_api=builtin_api,
+        market_api_block=market_api_block,
+        database_block=database_block,
+        checkpoint_block=checkpoint_block,
+    )
     key = run_key(ticker_source, tickers, first, last)
 
     with (
-        settings.market_api_session(market_api_block) as (api, _built_in),
+        config.api.session() as api,
         JobRun(
             JOB,
             key,
-            data=data,
-            store=settings.checkpoint_store(checkpoint_block),
+            data=config.data,
+            store=config.checkpoints,
             stages=STAGES,
-            params={"ticker_source": ticker_source, "batch_size": batch_size},
+            params={"ticker_source": ticker_source, "batch_size": config.batch_size},
             fresh=False,
             logger=logger,
             resume_hint=f"Resume with the same command (run {JOB} {key}).",
@@ -77,7 +86,7 @@ def fill_cache(
             "history",
             PricesSource(api, first, last),
             items=lambda: run.items_done("universe"),
-            batch_size=batch_size,
+            batch_size=config.batch_size,
             max_batches=max_batches,
             only=only,
         )
@@ -110,7 +119,7 @@ def _universe(
     run.register_settled("universe", universe.tickers, universe.rejected)
     with run.data.engine().connect() as conn:
         cached = cached_tickers(conn, universe.tickers, first, last)
-    # Seed 001: cached tickers count as processed, and are never requested.
+    # Cached tickers count as processed, and are never requested.
     run.register_settled("history", sorted(cached), {})
     run.logger.info(
         "tickersToProcess %d of %d (%d already cached)",

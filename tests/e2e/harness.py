@@ -35,7 +35,7 @@ from syncpoint.simulator import MarketSimulator
 ROOT = Path(__file__).resolve().parents[2]
 PREFECT = str(Path(sys.executable).with_name("prefect"))
 POOL = "syncpoint"  # prefect.yaml's work pool
-DEPLOYMENT = "daily-sync/nightly"  # flow name / deployment name in prefect.yaml
+DEPLOYMENT = "daily-sync/market-nightly"  # flow name / deployment name in prefect.yaml
 PRICES = "historical-price-eod/full"
 DCF = "discounted-cash-flow"
 CHROMIUM = Path("/usr/bin/chromium")

@@ -102,7 +102,7 @@ def test_the_server_schedules_the_nightly_run_at_5_utc(deployed: Deployed) -> No
     for run in runs:
         start = run.expected_start_time
         assert (start.hour, start.minute, start.utcoffset().total_seconds()) == (5, 0, 0), start
-        assert run.parameters == {"ticker_source": "sp500", "batch_size": 50}
+        assert run.parameters == {}
 
 
 # --- deploy, run, and what the run page shows ----------------------------------------------
@@ -145,10 +145,10 @@ def test_deploy_then_run_through_the_api(
     run page artifacts (progress, summary, failed items).
     """
     deployment = deployed.deployment
-    assert "daily-sync/nightly" in deployed.deploy_output
+    assert "daily-sync/market-nightly" in deployed.deploy_output
     assert deployment.entrypoint == "flows/daily_sync.py:daily_sync"
     assert deployment.work_pool_name == POOL
-    assert deployment.parameters == {"ticker_source": "sp500", "batch_size": 50}
+    assert deployment.parameters == {}
     (schedule,) = deployment.schedules
     assert schedule.active
     assert (schedule.schedule.cron, schedule.schedule.timezone) == ("0 5 * * *", "UTC")

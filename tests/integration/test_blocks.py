@@ -20,7 +20,7 @@ KEY = "block-key-4f1d9c"
 def test_prefect_block_register_finds_both_blocks(prefect_api: str) -> None:
     prefect = Path(sys.executable).with_name("prefect")
     result = subprocess.run(
-        [str(prefect), "block", "register", "-m", "blocks"],
+        [str(prefect), "block", "register", "-m", "syncpoint.blocks"],
         env=cli_env(prefect_api),
         cwd=ROOT,
         capture_output=True,

@@ -32,7 +32,7 @@ def symbols(sim: MarketSimulator, n: int) -> list[str]:
     ("args", "message"),
     [
         pytest.param(["--date", "2026-13-01"], "bad date", id="bad-date"),
-        pytest.param(["--batch-size", "0"], "--batch-size must be at least 1", id="batch-size"),
+        pytest.param(["--batch-size", "0"], "batch_size must be at least 1", id="batch-size"),
         pytest.param(["--tickers-file", "/no/such/file"], "tickers file not found", id="file"),
         pytest.param(["--max-items", "-3"], "--max-items must be at least 1", id="max-items"),
     ],
@@ -46,10 +46,31 @@ def test_usage_errors_exit_2_with_one_line(args: list[str], message: str, tmp_pa
 
 def test_unwritable_database_is_a_clear_error(tmp_path: Path) -> None:
     env = cli_env("http://127.0.0.1:9/api", SYNCPOINT_DATABASE_URL="sqlite:////no/such/dir/x.db")
-    result = run_cli(["run", "daily-sync"], env, tmp_path)
+    result = run_cli(["run", "daily-sync", "--builtin-api"], env, tmp_path)
     assert result.returncode == 2
     assert "cannot open database" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("job", "variable"),
+    [
+        (["daily-sync"], "MARKET_API_URL"),
+        (["fill-cache"], "MARKET_API_URL"),
+        (["document-sync", "--all"], "DIP_API_URL"),
+    ],
+    ids=["daily-sync", "fill-cache", "document-sync"],
+)
+def test_no_api_configured_is_a_usage_error_naming_what_to_set(
+    job: list[str], variable: str, tmp_path: Path
+) -> None:
+    # Nothing may fall back to the simulator's made-up data unless asked to.
+    result = run_cli(["run", *job], cli_env("http://127.0.0.1:9/api"), tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert variable in result.stderr
+    assert "--builtin-api" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "syncpoint.db").exists()
 
 
 def test_max_items_partial_exit_3_then_completed_then_noop(
@@ -73,7 +94,7 @@ def test_max_items_partial_exit_3_then_completed_then_noop(
     assert again.returncode == 0
     assert "already complete" in again.stdout
     assert market.stats()["requests"] == 0
-    assert len(table_rows(f"sqlite:///{tmp_path / 'syncpoint.core.db'}", "dcf_valuations")) == 12
+    assert len(table_rows(f"sqlite:///{tmp_path / 'syncpoint.db'}", "dcf_valuations")) == 12
 
 
 def _done_items(db: Path) -> int:
@@ -118,13 +139,13 @@ def test_sigkill_mid_run_then_rerun_matches_an_uninterrupted_run(
         stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 120
-    while _done_items(killed_dir / "syncpoint.core.db") < 3 * batch:
+    while _done_items(killed_dir / "syncpoint.db") < 3 * batch:
         assert proc.poll() is None, "the run ended before it could be killed"
         assert time.monotonic() < deadline, "no progress to kill"
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    settled_at_kill = _done_items(killed_dir / "syncpoint.core.db")
+    settled_at_kill = _done_items(killed_dir / "syncpoint.db")
     assert settled_at_kill < len(tickers)
 
     resumed = run_cli(args, env, killed_dir)
@@ -136,8 +157,8 @@ def test_sigkill_mid_run_then_rerun_matches_an_uninterrupted_run(
     clean = run_cli(args, env, clean_dir)
     assert clean.returncode == 0
 
-    killed_db = f"sqlite:///{killed_dir / 'syncpoint.core.db'}"
-    clean_db = f"sqlite:///{clean_dir / 'syncpoint.core.db'}"
+    killed_db = f"sqlite:///{killed_dir / 'syncpoint.db'}"
+    clean_db = f"sqlite:///{clean_dir / 'syncpoint.db'}"
     assert table_rows(killed_db, "stock_prices") == table_rows(clean_db, "stock_prices")
     cols = "ticker, date, dcf, stock_price"
     assert table_rows(killed_db, "dcf_valuations", cols) == table_rows(
@@ -152,13 +173,13 @@ def test_readme_demo_uses_the_builtin_api_and_a_rerun_is_a_noop(
     prefect_api: str, tmp_path: Path
 ) -> None:
     env = cli_env(prefect_api)
-    first = run_cli(["run", "daily-sync"], env, tmp_path)
+    first = run_cli(["run", "daily-sync", "--builtin-api"], env, tmp_path)
     assert first.returncode == 0, first.stdout + first.stderr
     assert "COMPLETED" in first.stdout
     assert "1001 API requests" in first.stdout  # sp500 list + 500 x (prices, valuation)
-    assert len(table_rows(f"sqlite:///{tmp_path / 'syncpoint.core.db'}", "dcf_valuations")) == 500
+    assert len(table_rows(f"sqlite:///{tmp_path / 'syncpoint.db'}", "dcf_valuations")) == 500
 
-    second = run_cli(["run", "daily-sync"], env, tmp_path)
+    second = run_cli(["run", "daily-sync"], {**env, "SYNCPOINT_BUILTIN_API": "1"}, tmp_path)
     assert second.returncode == 0
     assert "already complete" in second.stdout
     assert "0 API requests" in second.stdout
