@@ -8,7 +8,7 @@ storing it.
 Pipelining: two batches fetch at once and the batch before them is stored beside them.
 Both fetches draw on one stage-wide RequestSlots, first come first served, so the next
 batch only takes the slots the current batch's tail frees: `concurrency` stays exact and
-no slot idles at a boundary (a rate-limited run keeps its pace; bench cases 1 and 2).
+no slot idles at a boundary (a run keeps its pace, under a rate limit too).
 A crash finds at most three batches fetched-but-unmarked; the persisted fetch cache
 gives back every one whose fetch had finished, so a rerun refetches far less.
 """
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -26,7 +26,7 @@ from prefect.utilities.annotations import quote
 
 from syncpoint.core.db import Database
 from syncpoint.core.interrupts import StopFlag
-from syncpoint.core.ledger import ErrorKind, ItemOutcome, Ledger, StageCounts
+from syncpoint.core.ledger import ErrorKind, ItemOutcome, Ledger, PendingItem, StageCounts
 from syncpoint.core.request_slots import RequestSlots
 from syncpoint.sources.source import Source
 from syncpoint.tasks.batches import Batch, BatchOutcome, fetch_batch, store_batch
@@ -82,6 +82,37 @@ class StageRun:
     outcomes: list[ItemOutcome] = field(default_factory=list)
 
 
+def plan_batches(
+    pending: Sequence[PendingItem],
+    *,
+    run_id: str,
+    stage: str,
+    batch_size: int,
+    first_number: int,
+    max_items: int | None = None,
+    max_batches: int | None = None,
+    only: frozenset[str] | None = None,
+) -> list[Batch]:
+    """This invocation's batches of a stage: pure planning, no I/O.
+
+    `pending` (in the ledger's stable order) is narrowed to `only` if given, then cut to
+    `max_batches * batch_size` items, then to `max_items`, and chunked into batches of
+    `batch_size` (the last one may be shorter), numbered from `first_number` on: one more
+    than the run's last batch number, so numbers continue across invocations.
+    """
+    planned = list(pending)
+    if only is not None:
+        planned = [p for p in planned if p.item in only]
+    if max_batches is not None:
+        planned = planned[: max_batches * batch_size]
+    if max_items is not None:
+        planned = planned[:max_items]
+    return [
+        Batch(run_id, stage, number, tuple(planned[start : start + batch_size]))
+        for number, start in enumerate(range(0, len(planned), batch_size), first_number)
+    ]
+
+
 def map_batches(
     *,
     ledger: Ledger,
@@ -102,17 +133,17 @@ def map_batches(
     `max_items` / `max_batches` cap this invocation (the rest stays pending); `only`
     restricts it to those items. Batch numbers continue across invocations of a run.
     """
-    pending = ledger.pending(run_id, stage)
-    if only is not None:
-        pending = [p for p in pending if p.item in only]
-    if max_batches is not None:
-        pending = pending[: max_batches * batch_size]
-    planned = pending if max_items is None else pending[:max_items]
-    first = ledger.last_batch_no(run_id, stage) + 1
-    batches = [
-        Batch(run_id, stage, number, tuple(planned[start : start + batch_size]))
-        for number, start in enumerate(range(0, len(planned), batch_size), first)
-    ]
+    batches = plan_batches(
+        ledger.pending(run_id, stage),
+        run_id=run_id,
+        stage=stage,
+        batch_size=batch_size,
+        first_number=ledger.last_batch_no(run_id, stage) + 1,
+        max_items=max_items,
+        max_batches=max_batches,
+        only=only,
+    )
+    planned_items = sum(len(batch.items) for batch in batches)
     base = ledger.counts(run_id).get(stage, StageCounts())
     tally = {"done": base.done, "failed": base.failed, "retrying": base.retrying}
     result = StageRun()
@@ -151,7 +182,7 @@ def map_batches(
                 retrying=tally["retrying"],
                 total=base.total,
                 processed_now=result.items_processed,
-                planned_now=len(planned),
+                planned_now=planned_items,
                 elapsed=time.monotonic() - started,
             )
         )
@@ -167,7 +198,7 @@ def map_batches(
                 previous, storing = storing, None
                 settle(*previous)
             # quote(): Prefect would otherwise walk every row of the batch looking for
-            # futures to wait on, which costs more than storing them (bench case 1).
+            # futures to wait on, which costs more than storing them.
             storing = (
                 outcome,
                 store_batch.submit(
