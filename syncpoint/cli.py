@@ -147,6 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--all", action="store_true", help="every run key of the job")
         p.set_defaults(handler=handler)
 
+    dbp = sub.add_parser("db", help="syncpoint's database schema")
+    db_sub = dbp.add_subparsers(dest="action", required=True)
+    up = db_sub.add_parser(
+        "upgrade", help="migrate syncpoint's tables to this version (back the database up first)"
+    )
+    up.set_defaults(handler=cmd_db_upgrade)
+
     sim = sub.add_parser("simulate", help="serve the built-in market API on loopback")
     sim.add_argument("--host", default="127.0.0.1")
     sim.add_argument("--port", type=int, default=8765)
@@ -433,6 +440,28 @@ def cmd_checkpoints_reset(args: argparse.Namespace) -> int:
     removed = ledger.delete(args.job, None if args.all else args.key)
     what = f"{args.job} (all keys)" if args.all else f"{args.job} {args.key}"
     print(f"removed {removed} checkpoint(s) of {what}; the next run starts over")
+    return EXIT_OK
+
+
+# --- db -------------------------------------------------------------------------------
+
+
+def cmd_db_upgrade(args: argparse.Namespace) -> int:
+    from syncpoint import settings
+    from syncpoint.core.db import storage_errors, unchecked_engine
+    from syncpoint.core.schema import upgrade
+
+    data = settings.database()
+    checkpoints = settings.checkpoint_store().target(data)
+    for database in [data] if checkpoints.same_as(data) else [data, checkpoints]:
+        engine = unchecked_engine(database)
+        try:
+            with storage_errors(database.describe()):
+                before, after = upgrade(engine)
+        finally:
+            engine.dispose()
+        done = f"already at {after}" if before == after else f"{before or 'unversioned'} -> {after}"
+        print(f"{database.describe()}: {done}")
     return EXIT_OK
 
 

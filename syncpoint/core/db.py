@@ -1,4 +1,4 @@
-"""Database targets and engines: one engine per URL per process, schema on first use.
+"""Database targets and engines: one engine per URL per process, schema checked on first use.
 
 A `Database` carries its URL as a SecretStr so it can be handed to Prefect tasks and
 logged without leaking a password; `describe()` is the only form that reaches output.
@@ -21,7 +21,7 @@ from sqlalchemy.exc import ArgumentError, InterfaceError, OperationalError, SQLA
 
 from syncpoint.core.errors import ConfigError, StorageError
 from syncpoint.core.redact import redact
-from syncpoint.core.tables import metadata
+from syncpoint.core.schema import ensure_current
 
 _engines: dict[tuple[str, str], Engine] = {}
 _lock = threading.Lock()
@@ -135,7 +135,16 @@ def dispose_engines() -> None:
         _engines.clear()
 
 
-def _create(url: str, connect_args: dict[str, Any]) -> Engine:
+def unchecked_engine(database: Database) -> Engine:
+    """A new engine without the schema check, for `syncpoint db upgrade`; dispose it."""
+    return _create(
+        database.url.get_secret_value(),
+        json.loads(database.connect_args.get_secret_value()),
+        check_schema=False,
+    )
+
+
+def _create(url: str, connect_args: dict[str, Any], *, check_schema: bool = True) -> Engine:
     parsed = make_url(url)
     kwargs: dict[str, Any] = {"pool_pre_ping": True, "connect_args": dict(connect_args)}
     if parsed.get_backend_name() == "sqlite":
@@ -145,8 +154,15 @@ def _create(url: str, connect_args: dict[str, Any]) -> Engine:
     engine = create_engine(parsed, **kwargs)
     if parsed.get_backend_name() == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
+    if not check_schema:
+        return engine
     try:
-        metadata.create_all(engine)
+        # An empty database gets the schema; an older one is refused with the command
+        # that upgrades it (syncpoint.core.schema).
+        ensure_current(engine)
+    except ConfigError:
+        engine.dispose()
+        raise
     except SQLAlchemyError as exc:
         engine.dispose()
         cause = getattr(exc, "orig", None) or exc

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 from syncpoint.engine.batch_map import UNMARKED_BATCHES_AT_MOST
 from syncpoint.simulator import MarketSimulator, SimulatorConfig
@@ -183,3 +184,36 @@ def test_readme_demo_uses_the_builtin_api_and_a_rerun_is_a_noop(
     assert second.returncode == 0
     assert "already complete" in second.stdout
     assert "0 API requests" in second.stdout
+
+
+def test_an_older_schema_is_refused_until_db_upgrade(tmp_path: Path) -> None:
+    """A database written by syncpoint before its tables were versioned: every command
+    that opens it names `syncpoint db upgrade`; after it, every row is still there."""
+    from tests.unit.test_schema import LEGACY_ROWS, a953648_metadata
+
+    url = f"sqlite:///{tmp_path / 'syncpoint.db'}"
+    engine = sa.create_engine(url)
+    legacy = a953648_metadata()
+    legacy.create_all(engine)
+    with engine.begin() as conn:
+        for name, rows in LEGACY_ROWS.items():
+            conn.execute(legacy.tables[name].insert(), rows)
+    engine.dispose()
+    env = cli_env("http://127.0.0.1:9/api")
+
+    refused = run_cli(["status"], env, tmp_path)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "syncpoint db upgrade" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    run = run_cli(["run", "daily-sync", "--builtin-api"], env, tmp_path)
+    assert run.returncode == 2
+    assert "syncpoint db upgrade" in run.stderr
+
+    upgraded = run_cli(["db", "upgrade"], env, tmp_path)
+    assert upgraded.returncode == 0, upgraded.stdout + upgraded.stderr
+    assert "unversioned ->" in upgraded.stdout
+    again = run_cli(["db", "upgrade"], env, tmp_path)
+    assert "already at" in again.stdout
+    for name, rows in LEGACY_ROWS.items():
+        assert len(table_rows(url, name)) == len(rows), name
+    assert run_cli(["status"], env, tmp_path).returncode == 0
