@@ -285,14 +285,17 @@ def _run_flow(entrypoint: str, parameters: dict[str, Any], as_json: bool, data: 
 
 
 def _report(state: Any, as_json: bool) -> int:
-    from syncpoint.engine.job_run import RunFailed
+    from syncpoint.engine.job_run import RunFailed, RunIncomplete
 
     if state.is_completed():
         summary = state.result()
         code = EXIT_BY_STATUS.get(summary["status"], EXIT_OK)
     else:
         exc = state.result(raise_on_failure=False)
-        if isinstance(exc, RunFailed):
+        if isinstance(exc, RunIncomplete):
+            # Failed for Prefect (so a deployment's retries resume it), partial for a shell.
+            summary, code = exc.summary, EXIT_PARTIAL
+        elif isinstance(exc, RunFailed):
             summary, code = exc.summary, EXIT_FAILED
         elif isinstance(exc, SyncError):
             raise exc  # explained in one line by main()

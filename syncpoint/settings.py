@@ -36,6 +36,7 @@ CONCURRENCY = 16
 PRICE_DAYS = 5
 DIP_CHECKPOINT_RECORDS = 500
 DIP_CHECKPOINT_SECONDS = 30.0
+RETRY_COOLDOWN_SECONDS = 30.0
 
 
 def _env(name: str) -> Any:
@@ -82,6 +83,9 @@ class Environment(BaseSettings):
     )
     dip_checkpoint_seconds: float | None = Field(
         default=None, gt=0, validation_alias=AliasChoices("DIP_CHECKPOINT_SECONDS")
+    )
+    retry_cooldown_seconds: float | None = Field(
+        default=None, ge=0, validation_alias=AliasChoices("SYNCPOINT_RETRY_COOLDOWN_SECONDS")
     )
     flow_retries: int = Field(default=2, ge=0, validation_alias="SYNCPOINT_FLOW_RETRIES")
     flow_retry_delay_seconds: int = Field(
@@ -273,6 +277,8 @@ class RunSettings(Generic[ApiT]):
     price_days: int = PRICE_DAYS
     checkpoint_every_records: int = DIP_CHECKPOINT_RECORDS
     checkpoint_every_seconds: float = DIP_CHECKPOINT_SECONDS
+    # Seconds before a stage's transient failures get a second pass within the run.
+    retry_cooldown: float = RETRY_COOLDOWN_SECONDS
 
 
 def _common(
@@ -325,6 +331,7 @@ def resolve_daily_sync(
         api,
         batch_size=_first(batch_size, env.batch_size, DAILY_BATCH_SIZE),
         price_days=_first(price_days, env.price_days, PRICE_DAYS),
+        retry_cooldown=_first(env.retry_cooldown_seconds, RETRY_COOLDOWN_SECONDS),
     )
 
 
@@ -338,7 +345,7 @@ def resolve_fill_cache(
     checkpoint_block: str | None = None,
 ) -> RunSettings[MarketApi]:
     positive("batch_size", batch_size)
-    _env_values, data, store, api = _common(
+    env, data, store, api = _common(
         MarketApi,
         "market",
         api_block=market_api_block,
@@ -350,7 +357,13 @@ def resolve_fill_cache(
     # Five tickers a batch is the backfill's progress and checkpoint grain; SYNC_BATCH_SIZE
     # is the nightly sync's and does not apply here.
     size = _first(batch_size, FILL_CACHE_BATCH_SIZE)
-    return RunSettings(data, store, api, batch_size=size)
+    return RunSettings(
+        data,
+        store,
+        api,
+        batch_size=size,
+        retry_cooldown=_first(env.retry_cooldown_seconds, RETRY_COOLDOWN_SECONDS),
+    )
 
 
 def resolve_document_sync(

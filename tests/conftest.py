@@ -16,6 +16,8 @@ os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
 # In-process flow calls answer at once; deployment tests set their own retries.
 os.environ["SYNCPOINT_FLOW_RETRIES"] = "0"
+# The second pass over transient failures waits this long; real runs wait 30 s.
+os.environ["SYNCPOINT_RETRY_COOLDOWN_SECONDS"] = "0.2"
 for _name in (
     "PREFECT_API_URL",
     "MARKET_API_URL",

@@ -81,6 +81,17 @@ class StageRun:
     fatal: str | None = None
     outcomes: list[ItemOutcome] = field(default_factory=list)
 
+    def merged(self, later: StageRun) -> StageRun:
+        """This pass and a later one over the same stage, as one."""
+        return StageRun(
+            rows_written=self.rows_written + later.rows_written,
+            requests=self.requests + later.requests,
+            batches=self.batches + later.batches,
+            items_processed=self.items_processed + later.items_processed,
+            fatal=self.fatal or later.fatal,
+            outcomes=[*self.outcomes, *later.outcomes],
+        )
+
 
 def plan_batches(
     pending: Sequence[PendingItem],

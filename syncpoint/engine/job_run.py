@@ -49,6 +49,12 @@ class RunFailed(SyncError):
         self.summary = summary
 
 
+class RunIncomplete(RunFailed):
+    """The run ended partial with items whose transient failures outlasted their retries
+    and a second pass. Raised so that a deployment's automatic retries pick the run up
+    again (a Prefect run only retries a Failed state); the CLI reports it as partial."""
+
+
 @dataclass
 class StageReport:
     name: str
@@ -86,8 +92,11 @@ class JobRun:
         resume_hint: str,
         reopen: bool = False,
         stop: StopFlag | None = None,
+        retry_cooldown: float | None = None,
     ) -> None:
         self.job, self.run_key, self.data, self.logger = job, run_key, data, logger
+        # Seconds before a stage's transient failures get their second pass; None: no pass.
+        self.retry_cooldown = retry_cooldown
         self.resume_hint = resume_hint
         self.checkpoints = store.target(data)
         self.ledger = Ledger(self.checkpoints.engine())
@@ -223,22 +232,53 @@ class JobRun:
                 raise SyncError(f"no items to process for {name}")
             # Items already known (settled early, or by an earlier attempt) are kept as is.
             self.ledger.add_items(self.run_id, name, universe)
-            return map_batches(
-                ledger=self.ledger,
-                data=self.data,
-                checkpoints=self.checkpoints,
-                run_id=self.run_id,
-                stage=name,
-                source=source,
-                batch_size=batch_size,
-                max_items=max_items,
-                stop=self.stop,
-                on_progress=self.progress,
-                max_batches=max_batches,
-                only=only,
-            )
+
+            def one_pass(
+                max_items: int | None, max_batches: int | None, only: frozenset[str] | None
+            ) -> StageRun:
+                return map_batches(
+                    ledger=self.ledger,
+                    data=self.data,
+                    checkpoints=self.checkpoints,
+                    run_id=self.run_id,
+                    stage=name,
+                    source=source,
+                    batch_size=batch_size,
+                    max_items=max_items,
+                    stop=self.stop,
+                    on_progress=self.progress,
+                    max_batches=max_batches,
+                    only=only,
+                )
+
+            ran = one_pass(max_items, max_batches, only)
+            again = self._transient_items(ran)
+            if again and self._cool_down(name, len(again)):
+                ran = ran.merged(one_pass(None, None, frozenset(again)))
+            return ran
 
         return self.stage(name, body)
+
+    def _transient_items(self, ran: StageRun) -> list[str]:
+        """Items this pass left with a transient failure, if a second pass may run."""
+        if self.retry_cooldown is None or ran.fatal or self.stop.requested:
+            return []
+        return [o.item for o in ran.outcomes if o.error_kind is ErrorKind.TRANSIENT]
+
+    def _cool_down(self, stage: str, count: int) -> bool:
+        """Wait before the second pass (an overloaded API often recovers in seconds); a
+        stop request ends the wait and skips the pass. True if the pass should run."""
+        cooldown = self.retry_cooldown or 0.0
+        self.logger.info(
+            "%s: %d items failed transiently; trying them once more in %.0fs",
+            stage,
+            count,
+            cooldown,
+        )
+        deadline = time.monotonic() + cooldown
+        while not self.stop.requested and time.monotonic() < deadline:
+            time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+        return not self.stop.requested
 
     def progress(self, progress: Progress) -> None:
         self.logger.info(progress.line())
@@ -301,6 +341,13 @@ class JobRun:
             self.logger.warning("%s %s belongs to another process now", self.job, self.run_key)
             return summary
         self.ledger.set_status(self.run_id, status, summary)
+        retrying = sum(c.retrying for c in self.ledger.counts(self.run_id).values())
+        if status is RunStatus.PARTIAL and retrying and not self.stop.requested:
+            raise RunIncomplete(
+                f"{self.job} {self.run_key} is partial: {retrying} items failed transiently "
+                "after their retries and a second pass; running it again resumes them",
+                summary,
+            )
         if status is RunStatus.FAILED:
             names = ", ".join(f"{r.name} ({r.error})" for r in failed)
             raise RunFailed(f"{self.job} {self.run_key} failed in {names}", summary)

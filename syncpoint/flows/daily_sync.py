@@ -75,6 +75,7 @@ def daily_sync(
             fresh=fresh,
             logger=logger,
             resume_hint=f"Resume with: syncpoint run {JOB} --date {day.isoformat()}",
+            retry_cooldown=config.retry_cooldown,
         ) as run:
             if run.already_complete:
                 return run.publish(run.summary())

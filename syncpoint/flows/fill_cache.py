@@ -73,6 +73,7 @@ def fill_cache(
             logger=logger,
             resume_hint=f"Resume with the same command (run {JOB} {key}).",
             reopen=retry_failed,
+            retry_cooldown=config.retry_cooldown,
         ) as run,
     ):
         if run.already_complete:

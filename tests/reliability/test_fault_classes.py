@@ -23,6 +23,7 @@ import sqlalchemy as sa
 from syncpoint.blocks.market_api import MarketApi
 from syncpoint.core.db import dispose_engines
 from syncpoint.core.ledger import ItemStatus, Ledger
+from syncpoint.engine.job_run import RunIncomplete
 from syncpoint.simulator import MarketSimulator, SimulatorConfig
 from tests.conftest import cli_env, run_cli, table_rows, tickers_file
 
@@ -256,7 +257,8 @@ def test_persistent_server_error_is_partial_then_the_next_run_fetches_only_it(
         assert first.returncode == 3, first.stdout + first.stderr
         assert "PARTIAL" in first.stdout
         assert "run the same command again" in first.stdout
-        assert sim.requests_for(broken, PRICES) > 1  # retried before it was given up
+        # Five attempts, then five more in the second pass after the cool-down.
+        assert sim.requests_for(broken, PRICES) == 2 * 5
         status = _status_json(env, tmp_path)[0]
         assert status["status"] == "partial"
         for stage in STAGES:
@@ -345,6 +347,72 @@ def test_refused_key_stops_the_run_at_once(
     assert KEY not in json.dumps(status)
 
 
+def test_a_second_pass_recovers_what_outlasted_its_retries(
+    prefect_api: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An outage longer than one item's retries but shorter than the cool-down costs
+    nothing: the run completes in one go, no rerun needed."""
+    from syncpoint.flows.daily_sync import daily_sync
+
+    url = f"sqlite:///{tmp_path / 'sync.db'}"
+    monkeypatch.setenv("SYNCPOINT_DATABASE_URL", url)
+    monkeypatch.setenv("SYNCPOINT_RETRY_COOLDOWN_SECONDS", "1")
+    with MarketSimulator(SimulatorConfig()) as sim:
+        universe = list(sim.data.symbols[520:526])
+        flaky = universe[2]
+        sim.set_fault(flaky, "server_error")
+        monkeypatch.setenv("MARKET_API_URL", sim.base_url)
+        healer = Healer(sim, {flaky: 5})  # healed once its five attempts are spent
+        healer.start()
+        try:
+            summary = daily_sync(
+                run_date=DAY, tickers_file=str(tickers_file(tmp_path, universe)), batch_size=3
+            )
+        finally:
+            healer.stopped.set()
+            healer.join()
+            dispose_engines()
+        assert sim.requests_for(flaky, PRICES) == 6  # five refused, one in the second pass
+    assert summary["status"] == "completed"
+    assert {r[0] for r in table_rows(url, "stock_prices", "ticker, date")} == set(universe)
+
+
+def test_transient_failures_left_over_trigger_the_flows_automatic_retry(
+    prefect_api: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a nightly deployment sees: the first attempt ends with a transient failure
+    left, Prefect retries the flow run, and the retry resumes and completes."""
+    from prefect.client.orchestration import get_client
+
+    from syncpoint.flows.daily_sync import daily_sync
+
+    url = f"sqlite:///{tmp_path / 'sync.db'}"
+    monkeypatch.setenv("SYNCPOINT_DATABASE_URL", url)
+    with MarketSimulator(SimulatorConfig()) as sim:
+        universe = list(sim.data.symbols[530:534])
+        flaky = universe[1]
+        sim.set_fault(flaky, "server_error")
+        monkeypatch.setenv("MARKET_API_URL", sim.base_url)
+        healer = Healer(sim, {flaky: 10})  # outlasts both passes of the first attempt
+        healer.start()
+        try:
+            flow = daily_sync.with_options(retries=1, retry_delay_seconds=0)
+            state = flow(
+                run_date=DAY,
+                tickers_file=str(tickers_file(tmp_path, universe)),
+                return_state=True,
+            )
+        finally:
+            healer.stopped.set()
+            healer.join()
+            dispose_engines()
+        assert sim.requests_for(flaky, PRICES) == 11
+    assert state.is_completed()
+    with get_client(sync_client=True) as client:
+        assert client.read_flow_run(state.state_details.flow_run_id).run_count == 2
+    assert {r[0] for r in table_rows(url, "stock_prices", "ticker, date")} == set(universe)
+
+
 # --- slow beyond the timeout: configurable through the Market API block ---------------
 
 
@@ -369,19 +437,24 @@ def test_timeouts_are_retried_and_a_persistent_one_is_transient(
         healer = Healer(sim, {recovers: 1})
         healer.start()
         try:
-            summary = daily_sync(
-                run_date=DAY,
-                tickers_file=str(tickers_file(tmp_path, universe)),
-                batch_size=3,
-                market_api_block="reliability-short-timeout",
-            )
+            # Transient failures left after the second pass fail the Prefect run, so a
+            # deployment's automatic retries pick it up; the summary rides on the error.
+            with pytest.raises(RunIncomplete) as raised:
+                daily_sync(
+                    run_date=DAY,
+                    tickers_file=str(tickers_file(tmp_path, universe)),
+                    batch_size=3,
+                    market_api_block="reliability-short-timeout",
+                )
         finally:
             healer.stopped.set()
             healer.join()
             dispose_engines()
         assert sim.requests_for(recovers, PRICES) >= 2
-        assert sim.requests_for(stuck, PRICES) == 3  # max_attempts of the block
+        # max_attempts of the block, in the first pass and again in the second.
+        assert sim.requests_for(stuck, PRICES) == 2 * 3
 
+    summary = raised.value.summary
     assert summary["status"] == "partial"
     failures = {(f["stage"], f["item"]): f for f in summary["failures"]}
     assert set(failures) == {("prices", stuck), ("valuations", stuck)}
