@@ -29,6 +29,13 @@ def parse_args(argv: list[str] | None = None) -> SimulatorConfig:
         "--dip-records-per-entity", type=int, default=defaults.dip_records_per_entity
     )
     parser.add_argument("--dip-page-size", type=int, default=defaults.dip_page_size)
+    parser.add_argument("--dip-text-page-size", type=int, default=defaults.dip_text_page_size)
+    parser.add_argument(
+        "--dip-visibility-delay-seconds",
+        type=float,
+        default=defaults.dip_visibility_delay_seconds,
+        help="how long a DIP change takes to become visible (default 900, DIP's 15 minutes)",
+    )
     return SimulatorConfig(**vars(parser.parse_args(argv)))
 
 

@@ -9,10 +9,11 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 import threading
 import time
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -20,7 +21,7 @@ from syncpoint.simulator.config import SimulatorConfig
 from syncpoint.simulator.dip import ENDPOINT_PREFIX as DIP_ENDPOINT_PREFIX
 from syncpoint.simulator.dip import ENTITIES as DIP_ENTITIES
 from syncpoint.simulator.dip import VALUE_FIELDS as DIP_VALUE_FIELDS
-from syncpoint.simulator.dip import DipData, DipRequestError
+from syncpoint.simulator.dip import DipData, DipNotFound, DipRequestError
 from syncpoint.simulator.faults import (
     ERROR_STATUS,
     PAYLOAD_FAULTS,
@@ -49,6 +50,14 @@ _INVALID_KEY = (
     "Invalid API KEY. Feel free to create a Free API Key or check the key you are sending."
 )
 _LIMIT_REACHED = "Limit Reach. Please upgrade your plan or slow down your requests."
+# DIP's documented 401 text (openapi.yaml, components/responses/UnauthorizedError).
+DIP_UNAUTHORIZED = (
+    "An API key is required to access this service. Please refer to "
+    "https://dip.bundestag.de/über-dip/hilfe/api how to apply for a key. Misuse of this "
+    "service may lead to blocking your requests."
+)
+# DIP reads the key from `Authorization: ApiKey <key>` or from the `apikey` parameter.
+_DIP_AUTH_RE = re.compile(r"\s*ApiKey\s+(\S+)\s*", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -70,6 +79,11 @@ def json_response(
 
 def error_response(status: int, message: str) -> Response:
     return json_response(status, {"Error Message": message})
+
+
+def dip_error(status: int, message: str) -> Response:
+    """DIP's documented error body: {"code": 400, "message": "Invalid cursor"}."""
+    return json_response(status, {"code": status, "message": message})
 
 
 def format_seconds(seconds: float, round_up: bool = False) -> str:
@@ -103,8 +117,9 @@ class MarketApi:
         self._rng = random.Random(config.seed)
         self._rng_lock = threading.Lock()
 
-    def handle(self, target: str) -> Response:
-        """Answer one GET request target (path plus query string)."""
+    def handle(self, target: str, authorization: str | None = None) -> Response:
+        """Answer one GET request target (path plus query string); ``authorization`` is
+        the request's Authorization header, which the DIP API reads its key from."""
         url = urlsplit(target)
         if url.path.startswith("/_sim/"):
             return self._control(url.path)
@@ -114,7 +129,12 @@ class MarketApi:
         # A crashed handler drops the connection without a status: to the client, a reset.
         status: int | None = None
         try:
-            response = self._answer(endpoint, symbol, query)
+            if endpoint is not None and endpoint.startswith(DIP_ENDPOINT_PREFIX):
+                response = self._answer_dip(endpoint, url.path, query, authorization)
+            elif endpoint is None and url.path.startswith(_DIP_PREFIX):
+                response = dip_error(404, f"Not found: {url.path}")
+            else:
+                response = self._answer(endpoint, symbol, query)
             status = None if response.reset else response.status
         finally:
             self.stats.record_end(endpoint, symbol, started, status)
@@ -126,8 +146,9 @@ class MarketApi:
         and its entity stands in for the symbol: faults and counters are keyed by it.
         """
         if path.startswith(_DIP_PREFIX):
-            entity = path.removeprefix(_DIP_PREFIX)
-            if entity in DIP_ENTITIES:
+            # /api/v1/{entity} lists, /api/v1/{entity}/{id} answers one record.
+            entity, _, rid = path.removeprefix(_DIP_PREFIX).partition("/")
+            if entity in DIP_ENTITIES and "/" not in rid:
                 return DIP_ENDPOINT_PREFIX + entity, entity
             return None, None
         endpoint = path.removeprefix(_PREFIX) if path.startswith(_PREFIX) else None
@@ -157,17 +178,21 @@ class MarketApi:
         if symbol_fault is not None and (early := self._early_fault(symbol_fault)) is not None:
             return early
         faults = [f for f in (global_fault, symbol_fault) if f is not None]
-        if endpoint.startswith(DIP_ENDPOINT_PREFIX):
-            assert symbol is not None
-            return self._dip_payload(symbol, query, faults)
         if symbol is not None and not self.data.is_known(symbol):
             return error_response(404, f"Unknown symbol {symbol}")
         return self._payload(endpoint, symbol, query, faults)
 
-    def _gatekeep(self, query: dict[str, str]) -> Response | None:
-        """API key, then quota, then random faults: the order a real gateway checks them."""
-        if self.config.api_key is not None and query.get("apikey") != self.config.api_key:
-            return error_response(401, _INVALID_KEY)
+    def _gatekeep(
+        self, query: dict[str, str], key: str | None = None, refusal: Response | None = None
+    ) -> Response | None:
+        """API key, then quota, then random faults: the order a real gateway checks them.
+
+        ``key`` and ``refusal``: where the API reads its key from and how it refuses one
+        (the market API's defaults: the `apikey` parameter, FMP's 401 body)."""
+        if key is None and refusal is None:
+            key = query.get("apikey")
+        if self.config.api_key is not None and key != self.config.api_key:
+            return refusal or error_response(401, _INVALID_KEY)
         if self._limiter is not None and (wait := self._limiter.acquire()) > 0:
             return rate_limited(wait, round_up=True)
         with self._rng_lock:
@@ -230,11 +255,51 @@ class MarketApi:
             return Response(200, cached)
         return json_response(200, payload)
 
+    # -- the DIP documents API -------------------------------------------------------------
+
+    def _answer_dip(
+        self, endpoint: str, path: str, query: dict[str, str], authorization: str | None
+    ) -> Response:
+        entity = endpoint.removeprefix(DIP_ENDPOINT_PREFIX)
+        if self.config.latency_ms:
+            time.sleep(self.config.latency_ms / 1000)
+        global_fault, entity_fault = self.faults.active(entity)
+        if global_fault is not None and (early := self._early_fault(global_fault)) is not None:
+            return early
+        key = self._dip_key(query, authorization)
+        if (denied := self._gatekeep(query, key, dip_error(401, DIP_UNAUTHORIZED))) is not None:
+            return denied
+        if entity_fault is not None and (early := self._early_fault(entity_fault)) is not None:
+            return early
+        rid = path.removeprefix(_DIP_PREFIX).partition("/")[2]
+        if rid:
+            try:
+                return Response(200, self.dip.document(entity, rid))
+            except DipNotFound:
+                return dip_error(404, f"ID not found: {rid}")
+        faults = [f for f in (global_fault, entity_fault) if f is not None]
+        return self._dip_payload(entity, query, faults)
+
+    def _dip_key(self, query: dict[str, str], authorization: str | None) -> str | None:
+        """The key from `Authorization: ApiKey <key>`, else from `apikey`; counts which."""
+        if authorization and (match := _DIP_AUTH_RE.fullmatch(authorization)):
+            self.stats.record_key_form("header")
+            return match.group(1)
+        if "apikey" in query:
+            self.stats.record_key_form("query")
+            return query["apikey"]
+        self.stats.record_key_form("none")
+        return None
+
     def _dip_payload(self, entity: str, query: dict[str, str], faults: list[Fault]) -> Response:
+        text = entity.endswith("-text")
+        size = min(self.config.dip_page_size, self.config.dip_text_page_size) if text else None
         try:
-            page = self.dip.page(entity, query, self.config.dip_page_size)
+            page = self.dip.page(entity, query, size or self.config.dip_page_size)
         except DipRequestError as exc:
-            return error_response(400, str(exc))
+            return dip_error(400, str(exc))
+        if not faults:
+            return Response(200, page.to_json())
         documents: list[dict[str, Any]] = page.documents
         for fault in faults:
             if fault.kind is FaultKind.WRONG_SHAPE:
@@ -260,7 +325,12 @@ class MarketApi:
 
 
 def new_dip_data(config: SimulatorConfig) -> DipData:
-    return DipData(config.seed, config.as_of or date.today(), config.dip_records_per_entity)
+    return DipData(
+        config.seed,
+        config.as_of or date.today(),
+        config.dip_records_per_entity,
+        visibility_delay=timedelta(seconds=config.dip_visibility_delay_seconds),
+    )
 
 
 def _parse_date(value: str, name: str) -> date:

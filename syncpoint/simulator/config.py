@@ -5,7 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import date
 
-from syncpoint.simulator.dip import MAX_RECORDS_PER_ENTITY
+from syncpoint.simulator.dip import (
+    MAX_PAGE_SIZE,
+    MAX_RECORDS_PER_ENTITY,
+    MAX_TEXT_PAGE_SIZE,
+    VISIBILITY_DELAY,
+)
 from syncpoint.simulator.market_data import DEFAULT_STOCK_LIST_SIZE, SP500_SIZE
 
 
@@ -26,10 +31,13 @@ class SimulatorConfig:
     seed: int = 0
     as_of: date | None = None
     stock_list_size: int = DEFAULT_STOCK_LIST_SIZE
-    # The DIP documents API (/api/v1/{entity}): records per entity, and the page size (read
-    # per request).
+    # The DIP documents API (/api/v1/{entity}): records per entity, the page sizes (read
+    # per request; DIP's own are 100, and 10 for the -text entities), and how long a change
+    # takes to become visible (DIP: "about 15 minutes").
     dip_records_per_entity: int = 250
-    dip_page_size: int = 100
+    dip_page_size: int = MAX_PAGE_SIZE
+    dip_text_page_size: int = MAX_TEXT_PAGE_SIZE
+    dip_visibility_delay_seconds: float = VISIBILITY_DELAY.total_seconds()
     # Keep every request's (endpoint, symbol, start, end, status) for MarketSimulator.timeline():
     # memory grows with each request, so only for tests and short benchmarks.
     record_timeline: bool = False
@@ -47,5 +55,9 @@ class SimulatorConfig:
             raise ValueError(f"stock_list_size must be >= {SP500_SIZE}")
         if not 0 <= self.dip_records_per_entity <= MAX_RECORDS_PER_ENTITY:
             raise ValueError(f"dip_records_per_entity must be within [0, {MAX_RECORDS_PER_ENTITY}]")
-        if self.dip_page_size < 1:
-            raise ValueError("dip_page_size must be >= 1")
+        if not 1 <= self.dip_page_size <= MAX_PAGE_SIZE:
+            raise ValueError(f"dip_page_size must be within [1, {MAX_PAGE_SIZE}]")
+        if not 1 <= self.dip_text_page_size <= MAX_TEXT_PAGE_SIZE:
+            raise ValueError(f"dip_text_page_size must be within [1, {MAX_TEXT_PAGE_SIZE}]")
+        if self.dip_visibility_delay_seconds < 0:
+            raise ValueError("dip_visibility_delay_seconds must be >= 0")

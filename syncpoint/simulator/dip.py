@@ -1,16 +1,26 @@
-"""A DIP-style documents API (the shape of the Bundestag's public DIP API), HTTP-free.
+"""A DIP-style documents API (the Bundestag's public DIP API), HTTP-free.
 
-``GET /api/v1/{entity}`` pages through an entity's records matching the optional filters,
-ordered by ``(aktualisiert, id)`` ascending. The ``cursor`` it answers with is an opaque
-token naming the last ``(aktualisiert, id)`` the page delivered (keyset paging, so records
-edited mid-walk are not skipped: they move to the end). When nothing is left after a page,
-the answer echoes the request's own cursor (``"*"`` when none was sent): that is how a DIP
-client knows it is done.
+It models what DIP documents (../shared/dip-api.md), so that a client tested here meets
+no surprise in production:
+
+- ``GET /api/v1/{entity}`` pages through the records matching the optional filters, in
+  DIP's order: ``datum`` descending, then id descending, never by ``aktualisiert``.
+  ``GET /api/v1/{entity}/{id}`` returns one record or 404.
+- Cursors are Solr cursorMarks: opaque standard base64 naming the last record's sort
+  values. Every non-empty page answers a new cursor, the last one included; the request
+  after it gets no documents and the very cursor it sent: that is the end.
+- At most ``dip_page_size`` (<= 100) documents a page, ``dip_text_page_size`` (<= 10) for
+  the full-text entities.
+- ``aktualisiert`` is Europe/Berlin local time with its offset, daylight saving included.
+- A change made at time t becomes visible at t + the visibility delay (15 minutes by
+  default): until then the API serves the record's previous version (or, for a new
+  record, nothing). numFound counts the matches visible now, so it moves while a stream
+  runs; the records' order does not (an edit keeps its ``datum``).
 
 Records are derived from SHA-256 of the seed, entity and index, never from Python's
-``hash()``, so two simulators with the same seed serve identical data. ``dip_update`` /
-``dip_add`` model upstream edits: the changed records move to the end of the order, which
-is exactly what an ``f.aktualisiert.start`` incremental sync relies on.
+``hash()``, so two simulators with the same seed serve identical data. Each version of a
+record is kept as its JSON text: a page is assembled from stored bytes, so a 200,000-record
+stream measures the client, not the simulator's JSON encoder.
 """
 
 from __future__ import annotations
@@ -25,9 +35,10 @@ import re
 import struct
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from datetime import UTC, date, datetime, time, timedelta, timezone
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, time, timedelta
 from typing import Any, TypeVar
+from zoneinfo import ZoneInfo
 
 ENTITIES: tuple[str, ...] = (
     "person",
@@ -40,10 +51,15 @@ ENTITIES: tuple[str, ...] = (
     "plenarprotokoll-text",
 )
 ENDPOINT_PREFIX = "dip/"
-# "*": the first page; also what a finished first request echoes back.
+# "*": the first page; also what an empty first answer echoes back.
 INITIAL_CURSOR = "*"
-# DIP's timestamps carry the Berlin offset; the simulator keeps a fixed +01:00.
-DIP_TZ = timezone(timedelta(hours=1))
+# DIP's timestamps are Berlin local time with the offset of the day: +01:00 or +02:00.
+BERLIN = ZoneInfo("Europe/Berlin")
+# What DIP documents: pages of at most 100 documents, 10 for the full-text entities, and
+# "about 15 minutes" before a change is visible.
+MAX_PAGE_SIZE = 100
+MAX_TEXT_PAGE_SIZE = 10
+VISIBILITY_DELAY = timedelta(minutes=15)
 # Ids are numeric strings of one width, so string order is numeric order.
 ID_BASE = 1_000_000
 MAX_RECORDS_PER_ENTITY = 8_999_999 - ID_BASE
@@ -94,8 +110,15 @@ _WORDS = struct.Struct(">8I")
 _DATE_RE = re.compile(r"\d{4}-\d{2}-\d{2}")
 # A "+01:00" sent unencoded in a query string arrives as " 01:00".
 _LOST_PLUS_RE = re.compile(r"(.*T.*) (\d{2}:?\d{2})")
+# A cursor is base64 of these two bytes (Solr's cursorMarks start "AoJ" the same way), a
+# 3-byte check and "datum|id": opaque, and tampering is caught rather than served.
+_CURSOR_MAGIC = b"\x02\x82"
+_CURSOR_CHECK = 3
+_CURSOR_RE = re.compile(r"(\d{4}-\d{2}-\d{2})\|(\d{1,12})")
+INVALID_CURSOR = "Invalid cursor"
 
-Key = tuple[datetime, str]
+# (-datum, -id): ascending order of these keys is the API's order.
+OrderKey = tuple[int, int]
 _T = TypeVar("_T")
 
 
@@ -103,59 +126,100 @@ class DipRequestError(ValueError):
     """A request the API answers with 400 (bad cursor, bad filter value)."""
 
 
+class DipNotFound(LookupError):
+    """``GET /{entity}/{id}`` for an id the API does not serve (404)."""
+
+
 @dataclass(frozen=True)
 class DipPage:
     num_found: int
     cursor: str
-    documents: list[dict[str, Any]]
+    bodies: list[bytes]  # each document as JSON, in API order
+
+    @property
+    def documents(self) -> list[dict[str, Any]]:
+        return [json.loads(body) for body in self.bodies]
 
     def payload(self) -> dict[str, Any]:
-        return {"numFound": self.num_found, "cursor": self.cursor, "documents": self.documents}
+        return {"numFound": self.num_found, "documents": self.documents, "cursor": self.cursor}
+
+    def to_json(self) -> bytes:
+        """The answer body, joined from the stored documents without re-encoding them."""
+        head = b'{"numFound":%d,"documents":[' % self.num_found
+        tail = b'],"cursor":' + json.dumps(self.cursor).encode() + b"}"
+        return head + b",".join(self.bodies) + tail
 
 
-@dataclass
+@dataclass(frozen=True, slots=True)
+class _Version:
+    at: datetime  # the parsed "aktualisiert", aware
+    # When the API starts serving this version; None: from the start (generated history).
+    visible_from: datetime | None
+    body: bytes
+
+
+@dataclass(slots=True)
 class _Record:
-    at: datetime  # aware; the parsed "aktualisiert"
     id: str
-    datum: date
+    datum: date  # never edited: a record keeps its place in the API's order
     base_titel: str
-    # Replaced, never mutated, so a page can hand out its dicts outside the lock.
-    doc: dict[str, Any]
+    versions: list[_Version]  # oldest first; older than the one visible now are dropped
     changes: int = 0
 
     @property
-    def key(self) -> Key:
-        return self.at, self.id
+    def order(self) -> OrderKey:
+        return order_key(self.datum, self.id)
+
+    def visible(self, now: datetime) -> _Version | None:
+        """The newest version visible at ``now``; None while a new record is not yet."""
+        for version in reversed(self.versions):
+            if version.visible_from is None or version.visible_from <= now:
+                return version
+        return None
 
 
 @dataclass
 class _Entity:
-    records: list[_Record]  # kept sorted by key
+    records: list[_Record]  # in API order
+    keys: list[OrderKey]  # the records' order keys, ascending, for bisect
     by_id: dict[str, _Record]
     next_index: int
     updates: int = 0
     stuck: bool = False
+    # Bumped by every edit: numFound is cached per filter until something changes.
+    edits: int = 0
+    # visible_from of the versions not visible yet when they were made, sorted: how many
+    # of them the clock has passed is the other half of a cached count's validity.
+    reveals: list[datetime] = field(default_factory=list)
+    counts: dict[tuple[Any, ...], tuple[int, int, int]] = field(default_factory=dict)
+    requests: int = 0
+    # (request number, action): upstream changes timed to land in the middle of a stream.
+    planned: list[tuple[int, Callable[[], object]]] = field(default_factory=list)
 
-    def resort(self) -> None:
-        self.records.sort(key=lambda r: r.key)
+    def insert(self, record: _Record) -> None:
+        at = bisect.bisect_left(self.keys, record.order)
+        self.keys.insert(at, record.order)
+        self.records.insert(at, record)
+        self.by_id[record.id] = record
 
 
 # -- formats -------------------------------------------------------------------------------
 
 
 def format_timestamp(moment: datetime) -> str:
-    """DIP's form: +01:00 offset, whole seconds unless the moment has a fraction."""
-    local = moment.astimezone(DIP_TZ)
+    """DIP's form: Berlin local time with its offset, whole seconds unless there is a
+    fraction: ``2024-03-01T10:15:02+01:00``, ``2024-07-01T10:15:02+02:00``."""
+    local = moment.astimezone(BERLIN)
     return local.isoformat(timespec="seconds" if local.microsecond == 0 else "microseconds")
 
 
 def parse_timestamp(value: str, name: str, end: bool = False) -> datetime:
-    """An ISO 8601 timestamp, with or without offset (none: UTC). A bare YYYY-MM-DD is that
-    day's first moment (``end``: its last) in UTC.
+    """An ISO 8601 timestamp; without an offset it is Berlin time, as DIP reads it. A bare
+    YYYY-MM-DD is that Berlin day's first moment (``end``: its last).
     """
     if _DATE_RE.fullmatch(value):
         day = _parse_day(value, name)
-        return datetime.combine(day, time.max if end else time.min, UTC)
+        return datetime.combine(day, time.max if end else time.min, BERLIN)
     if match := _LOST_PLUS_RE.fullmatch(value):
         value = f"{match.group(1)}+{match.group(2)}"
     try:
@@ -164,7 +228,7 @@ def parse_timestamp(value: str, name: str, end: bool = False) -> datetime:
         raise DipRequestError(
             f"Invalid '{name}' {value!r}: expected an ISO 8601 timestamp or YYYY-MM-DD"
         ) from None
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=BERLIN)
 
 
 def _parse_day(value: str, name: str) -> date:
@@ -176,24 +240,40 @@ def _parse_day(value: str, name: str) -> date:
         raise DipRequestError(f"Invalid '{name}' date {value!r}: expected YYYY-MM-DD") from None
 
 
-def encode_cursor(key: Key) -> str:
-    """Opaque to clients: URL-safe base64 (unpadded) of ``[aktualisiert as UTC, id]``."""
-    raw = json.dumps([key[0].astimezone(UTC).isoformat(), key[1]], separators=(",", ":"))
-    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+def order_key(datum: date, rid: str) -> OrderKey:
+    return -datum.toordinal(), -int(rid)
 
 
-def decode_cursor(cursor: str) -> Key:
+def encode_cursor(datum: date, rid: str) -> str:
+    """A Solr-style cursorMark after the record (datum, id): standard base64, padded."""
+    payload = f"{datum.isoformat()}|{rid}".encode()
+    check = hashlib.blake2s(payload, digest_size=_CURSOR_CHECK).digest()
+    return base64.b64encode(_CURSOR_MAGIC + check + payload).decode()
+
+
+def decode_cursor(cursor: str) -> OrderKey:
+    """The order key a cursor names; DipRequestError ("Invalid cursor") for anything else,
+    including a cursor whose "+" a client sent unencoded (it arrives as a space)."""
     try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        stamp, record_id = json.loads(raw)
-        if not isinstance(stamp, str) or not isinstance(record_id, str):
-            raise TypeError(cursor)
-        moment = datetime.fromisoformat(stamp)
-        if moment.tzinfo is None:
-            raise ValueError(stamp)
-    except (binascii.Error, ValueError, TypeError):  # JSONDecodeError is a ValueError
-        raise DipRequestError(f"Invalid cursor {cursor!r}") from None
-    return moment, record_id
+        raw = base64.b64decode(cursor, validate=True)
+        magic, check, payload = raw[:2], raw[2 : 2 + _CURSOR_CHECK], raw[2 + _CURSOR_CHECK :]
+        match = _CURSOR_RE.fullmatch(payload.decode())
+        if magic != _CURSOR_MAGIC or match is None:
+            raise ValueError(cursor)
+        if hashlib.blake2s(payload, digest_size=_CURSOR_CHECK).digest() != check:
+            raise ValueError(cursor)
+        return order_key(date.fromisoformat(match.group(1)), match.group(2))
+    except (binascii.Error, ValueError):  # UnicodeDecodeError is a ValueError
+        raise DipRequestError(INVALID_CURSOR) from None
+
+
+def _json(doc: dict[str, Any]) -> bytes:
+    return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def _aware(moment: datetime) -> datetime:
+    """Naive means UTC here: these are the simulator's own controls, not DIP's filters."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 # -- synthetic records -----------------------------------------------------------------------
@@ -223,9 +303,11 @@ class _Generator:
     def __init__(self, seed: int, as_of: date, size: int) -> None:
         self.seed = seed
         self.size = size
+        # In UTC: minutes added to a Berlin-zoned datetime would be wall-clock minutes,
+        # wrong by an hour across a daylight-saving change.
         self.window_start = datetime.combine(
-            as_of - timedelta(days=AKTUALISIERT_DAYS), time.min, DIP_TZ
-        )
+            as_of - timedelta(days=AKTUALISIERT_DAYS), time.min, BERLIN
+        ).astimezone(UTC)
 
     def units(self, source: str, index: int) -> tuple[float, ...]:
         return _units(f"dip|{self.seed}|{source}|{index}")
@@ -236,13 +318,19 @@ class _Generator:
         minutes = int(self.units(source, index)[0] * AKTUALISIERT_DAYS * 24 * 60)
         return self.window_start + timedelta(minutes=minutes)
 
-    def record(self, entity: str, index: int, at: datetime | None = None) -> _Record:
+    def record(
+        self,
+        entity: str,
+        index: int,
+        at: datetime | None = None,
+        visible_from: datetime | None = None,
+    ) -> _Record:
         source = _TEXT_OF.get(entity, entity)
         u = self.units(source, index)
         generated = self.aktualisiert(source, index)
-        datum = generated.date() - timedelta(days=int(u[1] * DATUM_DAYS))
+        datum = generated.astimezone(BERLIN).date() - timedelta(days=int(u[1] * DATUM_DAYS))
         if at is not None:  # added upstream just now: dated the day it appears
-            generated, datum = at, at.astimezone(DIP_TZ).date()
+            generated, datum = at, at.astimezone(BERLIN).date()
         titel, extra = self._content(source, u, _wahlperiode(datum))
         if source != entity:
             extra["text"] = self._text(titel, extra, datum)
@@ -254,7 +342,8 @@ class _Generator:
             "titel": titel,
             **extra,
         }
-        return _Record(at=generated, id=rid, datum=datum, base_titel=titel, doc=doc)
+        version = _Version(generated, visible_from, _json(doc))
+        return _Record(id=rid, datum=datum, base_titel=titel, versions=[version])
 
     def _content(
         self, source: str, u: tuple[float, ...], wahlperiode: int
@@ -315,45 +404,119 @@ class _Generator:
 # -- the store ---------------------------------------------------------------------------------
 
 
-class DipData:
-    """Every entity's records, generated on first use, shared by all handler threads."""
+@dataclass(frozen=True)
+class _Filter:
+    """A request's (inclusive, optional) filters, validated when built."""
 
-    def __init__(self, seed: int, as_of: date, records_per_entity: int) -> None:
+    a_start: datetime | None = None
+    a_end: datetime | None = None
+    d_start: date | None = None
+    d_end: date | None = None
+
+    @classmethod
+    def of(cls, query: Mapping[str, str]) -> _Filter:
+        return cls(
+            _opt(query, "f.aktualisiert.start", parse_timestamp),
+            _opt(query, "f.aktualisiert.end", _parse_end),
+            _opt(query, "f.datum.start", _parse_day),
+            _opt(query, "f.datum.end", _parse_day),
+        )
+
+    def matches(self, record: _Record, version: _Version) -> bool:
+        return (
+            (self.a_start is None or version.at >= self.a_start)
+            and (self.a_end is None or version.at <= self.a_end)
+            and (self.d_start is None or record.datum >= self.d_start)
+            and (self.d_end is None or record.datum <= self.d_end)
+        )
+
+
+class DipData:
+    """Every entity's records, generated on first use, shared by all handler threads.
+
+    ``clock`` is upstream's clock (default: the wall clock); ``advance`` moves it on, so a
+    test can let the visibility delay pass without waiting for it.
+    """
+
+    def __init__(
+        self,
+        seed: int,
+        as_of: date,
+        records_per_entity: int,
+        visibility_delay: timedelta = VISIBILITY_DELAY,
+        clock: Callable[[], datetime] | None = None,
+    ) -> None:
         if not 0 <= records_per_entity <= MAX_RECORDS_PER_ENTITY:
             raise ValueError(f"records_per_entity must be within [0, {MAX_RECORDS_PER_ENTITY}]")
+        if visibility_delay < timedelta(0):
+            raise ValueError("visibility_delay must be >= 0")
         self.seed = seed
         self.as_of = as_of
         self.records_per_entity = records_per_entity
+        self.visibility_delay = visibility_delay
+        self._clock = clock or (lambda: datetime.now(UTC))
+        self._offset = timedelta(0)
         self._generator = _Generator(seed, as_of, records_per_entity)
         self._entities: dict[str, _Entity] = {}
         self._lock = threading.Lock()
 
-    def records(self, entity: str) -> list[dict[str, Any]]:
-        """The current records in API order, (aktualisiert, id) ascending."""
+    # -- the clock -------------------------------------------------------------------------
+
+    def now(self) -> datetime:
+        return self._clock() + self._offset
+
+    def advance(self, delta: timedelta) -> None:
+        """Move upstream's clock on by ``delta`` (changes due by then become visible)."""
+        if delta < timedelta(0):
+            raise ValueError("the clock only moves forward")
         with self._lock:
-            return [dict(r.doc) for r in self._entity(entity).records]
+            self._offset += delta
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def records(self, entity: str) -> list[dict[str, Any]]:
+        """The records visible now, in API order (datum descending, then id descending)."""
+        with self._lock:
+            now = self.now()
+            found = [r.visible(now) for r in self._entity(entity).records]
+        return [json.loads(v.body) for v in found if v is not None]
+
+    def document(self, entity: str, rid: str) -> bytes:
+        """``GET /{entity}/{id}``: the visible version's JSON; DipNotFound if none."""
+        with self._lock:
+            record = self._entity(entity).by_id.get(rid)
+            version = record.visible(self.now()) if record is not None else None
+        if version is None:
+            raise DipNotFound(rid)
+        return version.body
 
     def page(self, entity: str, query: Mapping[str, str], page_size: int) -> DipPage:
         """One page for a request's query parameters; raises DipRequestError for a 400."""
         cursor = query.get("cursor") or None
         after = decode_cursor(cursor) if cursor not in (None, INITIAL_CURSOR) else None
-        matches = _filter(query)
+        matches = _Filter.of(query)
+        for action in self._due(entity):
+            action()  # outside the lock: actions are update()/add() calls that take it
         with self._lock:
             state = self._entity(entity)
-            found = [r for r in state.records if matches(r)]
-            stuck = state.stuck
-        echo = cursor or INITIAL_CURSOR
-        if stuck and after is not None:
-            # A broken upstream: past the first page, the same page under the same cursor.
-            first = found[:page_size]
-            page = found[page_size : 2 * page_size]
-            next_cursor = encode_cursor(first[-1].key) if first else echo
-        else:
-            start = 0 if after is None else bisect.bisect_right([r.key for r in found], after)
-            page = found[start : start + page_size]
-            more = start + page_size < len(found)
-            next_cursor = encode_cursor(page[-1].key) if more else echo
-        return DipPage(len(found), next_cursor, [r.doc for r in page])
+            now = self.now()
+            found = self._count(state, matches, now)
+            if state.stuck and after is not None:
+                # A broken upstream: past the first page, the second page under the first
+                # page's cursor, forever.
+                first, end = self._scan(state, matches, now, 0, page_size)
+                hits, _ = self._scan(state, matches, now, end, page_size)
+                following = encode_cursor(first[-1].datum, first[-1].id) if first else None
+            else:
+                start = 0 if after is None else bisect.bisect_right(state.keys, after)
+                hits, _ = self._scan(state, matches, now, start, page_size)
+                # Every non-empty page names its last record, the last page too: the end
+                # is the next, empty answer, which echoes the cursor it was sent.
+                following = encode_cursor(hits[-1].datum, hits[-1].id) if hits else None
+            bodies = [version.body for version in (r.visible(now) for r in hits) if version]
+        return DipPage(found, following or cursor or INITIAL_CURSOR, bodies)
+
+    # -- upstream changes ------------------------------------------------------------------
 
     def update(
         self,
@@ -361,10 +524,12 @@ class DipData:
         ids: list[str] | None = None,
         count: int | None = None,
         at: datetime | None = None,
+        visible_at: datetime | None = None,
     ) -> list[str]:
         """Edit ``ids`` (or ``count`` records picked deterministically): ``aktualisiert``
-        becomes ``at`` (default: now, later than every existing value) and the title gets a
-        " (geändert N)" suffix, N counting that record's edits. Returns the changed ids.
+        becomes ``at`` (default: upstream's now) and the title gets a " (geändert N)" suffix,
+        N counting that record's edits. The edit is served from ``visible_at`` (default:
+        ``at`` + the visibility delay); until then the previous version is. Returns the ids.
         """
         if (ids is None) == (count is None):
             raise ValueError("pass exactly one of ids and count")
@@ -382,21 +547,28 @@ class DipData:
             if unknown:
                 raise ValueError(f"unknown {entity} id(s) {unknown}")
             state.updates += 1
-            moment = self._moment(state, at)
+            now = self.now()
+            moment, shown = self._when(now, at, visible_at)
             for rid in ids:
                 record = state.by_id[rid]
                 record.changes += 1
-                record.at = moment
-                record.doc = record.doc | {
+                doc = json.loads(record.versions[-1].body) | {
                     "aktualisiert": format_timestamp(moment),
                     "titel": f"{record.base_titel} (geändert {record.changes})",
                 }
-            state.resort()
+                self._push(state, record, _Version(moment, shown, _json(doc)), now)
             return ids
 
-    def add(self, entity: str, count: int = 1, at: datetime | None = None) -> list[str]:
-        """Append ``count`` new records, ``aktualisiert`` = ``at`` (default: now, later than
-        every existing value), ``datum`` = that day. Returns their ids.
+    def add(
+        self,
+        entity: str,
+        count: int = 1,
+        at: datetime | None = None,
+        visible_at: datetime | None = None,
+    ) -> list[str]:
+        """Add ``count`` new records, ``aktualisiert`` = ``at`` (default: upstream's now),
+        ``datum`` = that Berlin day (so they sort first), served from ``visible_at``
+        (default: ``at`` + the visibility delay). Returns their ids.
         """
         if count < 0:
             raise ValueError("count must be >= 0")
@@ -404,16 +576,25 @@ class DipData:
             state = self._entity(entity)
             if state.next_index + count > MAX_RECORDS_PER_ENTITY:
                 raise ValueError("too many records")
-            moment = self._moment(state, at)
+            now = self.now()
+            moment, shown = self._when(now, at, visible_at)
             added = []
             for index in range(state.next_index, state.next_index + count):
-                record = self._generator.record(entity, index, at=moment)
-                state.records.append(record)
-                state.by_id[record.id] = record
+                record = self._generator.record(entity, index, at=moment, visible_from=shown)
+                state.insert(record)
                 added.append(record.id)
             state.next_index += count
-            state.resort()
+            self._changed(state, shown, now)
             return added
+
+    def plan(self, entity: str, after_requests: int, action: Callable[[], object]) -> None:
+        """Run ``action`` (e.g. an update or add) just before answering the entity's
+        request number ``after_requests + 1``: a change landing mid-stream, on cue."""
+        if after_requests < 0:
+            raise ValueError("after_requests must be >= 0")
+        with self._lock:
+            state = self._entity(entity)
+            state.planned.append((state.requests + after_requests, action))
 
     def set_stuck(self, entity: str, on: bool) -> None:
         with self._lock:
@@ -424,6 +605,8 @@ class DipData:
             for state in self._entities.values():
                 state.stuck = False
 
+    # -- internals -------------------------------------------------------------------------
+
     def _entity(self, entity: str) -> _Entity:
         """The entity's state, generated on first use; call with the lock held."""
         state = self._entities.get(entity)
@@ -431,37 +614,80 @@ class DipData:
             if entity not in ENTITIES:
                 raise ValueError(f"unknown DIP entity {entity!r}; expected one of {ENTITIES}")
             records = [self._generator.record(entity, i) for i in range(self.records_per_entity)]
-            state = _Entity(records, {r.id: r for r in records}, self.records_per_entity)
-            state.resort()
+            records.sort(key=lambda r: r.order)
+            state = _Entity(
+                records,
+                [r.order for r in records],
+                {r.id: r for r in records},
+                self.records_per_entity,
+            )
             self._entities[entity] = state
         return state
 
+    def _due(self, entity: str) -> list[Callable[[], object]]:
+        """Count this request; the planned actions due before it is answered."""
+        with self._lock:
+            state = self._entity(entity)
+            due = [action for n, action in state.planned if n <= state.requests]
+            state.planned = [(n, a) for n, a in state.planned if n > state.requests]
+            state.requests += 1
+        return due
+
+    def _when(
+        self, now: datetime, at: datetime | None, visible_at: datetime | None
+    ) -> tuple[datetime, datetime]:
+        moment = _aware(at) if at is not None else now.replace(microsecond=0)
+        shown = _aware(visible_at) if visible_at is not None else moment + self.visibility_delay
+        return moment, shown
+
+    def _push(self, state: _Entity, record: _Record, version: _Version, now: datetime) -> None:
+        """Add a version; drop those older than the one visible now (the clock never goes
+        back, so nothing can serve them again)."""
+        record.versions.append(version)
+        current = record.visible(now)
+        if current is not None:
+            record.versions = record.versions[record.versions.index(current) :]
+        self._changed(state, version.visible_from, now)
+
     @staticmethod
-    def _moment(state: _Entity, at: datetime | None) -> datetime:
-        if at is not None:
-            return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
-        now = datetime.now(UTC).replace(microsecond=0)
-        if state.records and now <= (latest := state.records[-1].at):
-            now = latest.replace(microsecond=0) + timedelta(seconds=1)
-        return now
+    def _changed(state: _Entity, shown: datetime | None, now: datetime) -> None:
+        state.edits += 1
+        if shown is not None and shown > now:
+            bisect.insort(state.reveals, shown)
 
+    @staticmethod
+    def _count(state: _Entity, matches: _Filter, now: datetime) -> int:
+        """numFound: the matches visible now, cached until an edit or a reveal."""
+        revealed = bisect.bisect_right(state.reveals, now)
+        key = (matches.a_start, matches.a_end, matches.d_start, matches.d_end)
+        cached = state.counts.get(key)
+        if cached is not None and cached[:2] == (state.edits, revealed):
+            return cached[2]
+        found = 0
+        for record in state.records:
+            version = record.visible(now)
+            if version is not None and matches.matches(record, version):
+                found += 1
+        if len(state.counts) > 64:  # every distinct window is a key: keep it bounded
+            state.counts.clear()
+        state.counts[key] = (state.edits, revealed, found)
+        return found
 
-def _filter(query: Mapping[str, str]) -> Callable[[_Record], bool]:
-    """A predicate for the request's (inclusive, optional) filters, validated up front."""
-    a_start = _opt(query, "f.aktualisiert.start", parse_timestamp)
-    a_end = _opt(query, "f.aktualisiert.end", _parse_end)
-    d_start = _opt(query, "f.datum.start", _parse_day)
-    d_end = _opt(query, "f.datum.end", _parse_day)
-
-    def matches(record: _Record) -> bool:
-        return (
-            (a_start is None or record.at >= a_start)
-            and (a_end is None or record.at <= a_end)
-            and (d_start is None or record.datum >= d_start)
-            and (d_end is None or record.datum <= d_end)
-        )
-
-    return matches
+    @staticmethod
+    def _scan(
+        state: _Entity, matches: _Filter, now: datetime, start: int, size: int
+    ) -> tuple[list[_Record], int]:
+        """Up to ``size`` visible matches from position ``start``; and where the scan ended."""
+        hits: list[_Record] = []
+        index = start
+        records = state.records
+        while index < len(records) and len(hits) < size:
+            record = records[index]
+            index += 1
+            version = record.visible(now)
+            if version is not None and matches.matches(record, version):
+                hits.append(record)
+        return hits, index
 
 
 def _parse_end(value: str, name: str) -> datetime:

@@ -10,7 +10,7 @@ import struct
 import sys
 import threading
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType, TracebackType
 from typing import Any
@@ -41,7 +41,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def do_GET(self) -> None:
-        response = self.server.api.handle(self.path)
+        response = self.server.api.handle(self.path, self.headers.get("Authorization"))
         if response.reset:
             # Linger 0 makes close() send RST: the client sees a reset, not a tidy EOF.
             self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -229,22 +229,50 @@ class MarketSimulator:
         ids: list[str] | None = None,
         count: int | None = None,
         at: datetime | None = None,
+        visible_at: datetime | None = None,
     ) -> list[str]:
         """An upstream edit: the records ``ids`` (or ``count`` deterministically picked ones)
-        get ``aktualisiert`` = ``at`` (default: now, UTC, and later than every existing
-        value; naive means UTC) and a " (geändert N)" title suffix. Returns the changed ids.
+        get ``aktualisiert`` = ``at`` (default: upstream's now, see dip_now; naive means UTC)
+        and a " (geändert N)" title suffix. The API serves the edit from ``visible_at``
+        (default: ``at`` plus the visibility delay), the previous version until then.
+        Returns the changed ids.
         """
-        return self.dip.update(entity, ids=ids, count=count, at=at)
+        return self.dip.update(entity, ids=ids, count=count, at=at, visible_at=visible_at)
 
-    def dip_add(self, entity: str, count: int = 1, at: datetime | None = None) -> list[str]:
-        """Upstream adds ``count`` records with ``aktualisiert`` = ``at`` (default as for
-        dip_update). Returns the new ids.
+    def dip_add(
+        self,
+        entity: str,
+        count: int = 1,
+        at: datetime | None = None,
+        visible_at: datetime | None = None,
+    ) -> list[str]:
+        """Upstream adds ``count`` records dated today (so they sort first), with
+        ``aktualisiert`` and visibility as for dip_update. Returns the new ids.
         """
-        return self.dip.add(entity, count, at=at)
+        return self.dip.add(entity, count, at=at, visible_at=visible_at)
 
     def dip_records(self, entity: str) -> list[dict[str, Any]]:
-        """The entity's current records, in API order ((aktualisiert, id) ascending)."""
+        """The entity's records visible now, in API order (datum, then id, descending)."""
         return self.dip.records(entity)
+
+    def dip_now(self) -> datetime:
+        """Upstream's clock: the wall clock plus every dip_advance_clock()."""
+        return self.dip.now()
+
+    def dip_advance_clock(self, seconds: float) -> None:
+        """Let upstream's time pass without waiting: changes due by then become visible."""
+        self.dip.advance(timedelta(seconds=seconds))
+
+    def dip_plan(self, entity: str, after_requests: int, action: Callable[[], object]) -> None:
+        """Run ``action`` (e.g. ``lambda: sim.dip_add(...)``) just before the entity's
+        request number ``after_requests + 1`` (counted from now) is answered: an upstream
+        change that lands in the middle of a stream, at a known page."""
+        self.dip.plan(entity, after_requests, action)
+
+    def dip_key_forms(self) -> dict[str, int]:
+        """How DIP requests since the last reset_stats() carried the key: counts of
+        "header" (Authorization: ApiKey ...), "query" (apikey=...) and "none"."""
+        return self._api.stats.key_forms()
 
     def dip_set_stuck_cursor(self, entity: str, on: bool) -> None:
         """A broken upstream: every request with a cursor gets the second page and the

@@ -48,6 +48,7 @@ class RequestStats:
             self._by_endpoint_symbol: Counter[tuple[str, str]] = Counter()
             self._responses: Counter[str] = Counter()
             self._resets = 0
+            self._key_forms: Counter[str] = Counter()
 
     def record_request(self, endpoint: str | None, symbol: str | None) -> float:
         """Count a request as it arrives; returns its start time for record_end."""
@@ -75,6 +76,15 @@ class RequestStats:
                 self._responses[str(status)] += 1
             if self._keep_timeline:
                 self._timeline.append(Served(endpoint, symbol, started, ended, status))
+
+    def record_key_form(self, form: str) -> None:
+        """How a DIP request carried its key: "header", "query" or "none"."""
+        with self._lock:
+            self._key_forms[form] += 1
+
+    def key_forms(self) -> dict[str, int]:
+        with self._lock:
+            return dict(sorted(self._key_forms.items()))
 
     def timeline(self) -> list[Served]:
         """Every request since the last reset, in the order they ended (empty unless the
