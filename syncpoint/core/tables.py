@@ -6,6 +6,9 @@ one database by default so a batch's upsert and its item marks share a transacti
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+from typing import Any
+
 from sqlalchemy import (
     JSON,
     BigInteger,
@@ -19,10 +22,39 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    TypeDecorator,
     UniqueConstraint,
 )
+from sqlalchemy.engine import Dialect
 
 metadata = MetaData()
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """A timestamp kept as its UTC instant, read back aware (UTC) on every backend.
+
+    PostgreSQL's timestamptz stores instants anyway. SQLite has no such type: SQLAlchemy's
+    DateTime(timezone=True) writes the wall time of whatever offset the value carries and
+    drops the offset, so "2022-10-30T02:30:00+02:00" and "...+01:00" would become the same
+    text. Converted to UTC first, the text is the instant, and its order is time order.
+    A naive value is taken as UTC, syncpoint's own convention.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        moment: datetime = value
+        return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        moment: datetime = value
+        return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
 
 # --- data -------------------------------------------------------------------------------
 
@@ -72,11 +104,12 @@ dip_documents = Table(
     metadata,
     Column("entity", String(32), primary_key=True),
     Column("id", String(64), primary_key=True),
-    Column("aktualisiert", DateTime(timezone=True), nullable=False),
+    # Instants: UTC text on SQLite, timestamptz on PostgreSQL (revision 0002).
+    Column("aktualisiert", UtcDateTime, nullable=False),
     Column("datum", Date),
     Column("titel", Text),
     Column("payload", JSON, nullable=False),
-    Column("synced_at", DateTime(timezone=True), nullable=False),
+    Column("synced_at", UtcDateTime, nullable=False),
     Index("idx_dip_documents_aktualisiert", "entity", "aktualisiert"),
 )
 

@@ -1,7 +1,7 @@
 """The DIP-style documents API as data: entities, windows, pages and validated records.
 
-The API pages by cursor: each answer carries the cursor for the next page, and the last
-page answers with the cursor it was given.
+The API pages by cursor (a Solr cursorMark): each answer carries the cursor for the next
+page; the end is the answer that returns the cursor it was given, with no documents.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from datetime import UTC, date, datetime
 from typing import Any
 
 from syncpoint.core.errors import ItemError
+from zoneinfo import ZoneInfo
 
 ENTITIES = (
     "person",
@@ -23,7 +24,9 @@ ENTITIES = (
     "plenarprotokoll-text",
 )
 TABLE = "dip_documents"
-FIRST_CURSOR = "*"  # what the API answers on its last page when no cursor was sent
+FIRST_CURSOR = "*"  # what the API echoes when a stream without a cursor has no records
+# DIP's timestamps are Berlin local time; one without an offset means Berlin time.
+BERLIN = ZoneInfo("Europe/Berlin")
 
 
 @dataclass(frozen=True)

@@ -334,15 +334,17 @@ def test_upgrade_adopts_a_legacy_database_and_keeps_every_row(legacy: sa.Engine)
     assert upgrade(legacy) == (head(), head())  # a second upgrade is a no-op
 
 
-REVISION_0002 = '''"""A later change, for the tests: a nullable column."""
+# A revision after the shipped head, whichever that is, so these tests outlive new ones.
+LATER = "9999"
+REVISION_LATER = '''"""A later change, for the tests: a nullable column."""
 
 from __future__ import annotations
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0002"
-down_revision = "0001"
+revision = "9999"
+down_revision = "{head}"
 branch_labels = None
 depends_on = None
 
@@ -358,29 +360,30 @@ def downgrade() -> None:
 
 
 @pytest.fixture
-def code_at_0002(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """This code plus a revision 0002, so that a database at 0001 is one behind."""
+def code_at_later(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """This code plus a later revision, so that a database at head is one behind."""
+    shipped = head()
     scripts = tmp_path / "migrations"
     shutil.copytree(schema.SCRIPT_LOCATION, scripts, ignore=shutil.ignore_patterns("__pycache__"))
-    (scripts / "versions" / "0002_note.py").write_text(REVISION_0002)
+    (scripts / "versions" / "9999_note.py").write_text(REVISION_LATER.format(head=shipped))
     monkeypatch.setattr(schema, "SCRIPT_LOCATION", str(scripts))
     schema._scripts.cache_clear()
     yield
     schema._scripts.cache_clear()
 
 
-@pytest.mark.usefixtures("code_at_0002")
+@pytest.mark.usefixtures("code_at_later")
 def test_older_revision_is_refused_then_upgraded(legacy: sa.Engine) -> None:
-    assert head() == "0002"
+    assert head() == LATER
     with legacy.begin() as conn:
         command.stamp(alembic_config(conn), BASELINE)
     with pytest.raises(SchemaOutdated) as caught:
         ensure_current(legacy)
-    assert (caught.value.found, caught.value.expected) == (BASELINE, "0002")
-    assert "revision 0001, this syncpoint needs 0002" in str(caught.value)
+    assert (caught.value.found, caught.value.expected) == (BASELINE, LATER)
+    assert f"revision 0001, this syncpoint needs {LATER}" in str(caught.value)
     assert "`syncpoint db upgrade`" in str(caught.value)
 
-    assert upgrade(legacy) == (BASELINE, "0002")
+    assert upgrade(legacy) == (BASELINE, LATER)
     ensure_current(legacy)
     with legacy.connect() as conn:
         rows = conn.execute(sa.text("SELECT run_id, owner, note FROM sync_runs")).all()
@@ -389,9 +392,9 @@ def test_older_revision_is_refused_then_upgraded(legacy: sa.Engine) -> None:
     assert items == len(LEGACY_ROWS["sync_items"])
 
 
-@pytest.mark.usefixtures("code_at_0002")
+@pytest.mark.usefixtures("code_at_later")
 def test_legacy_database_is_adopted_and_upgraded_past_the_baseline(legacy: sa.Engine) -> None:
-    assert upgrade(legacy) == (None, "0002")
+    assert upgrade(legacy) == (None, LATER)
     assert "note" in {c["name"] for c in sa.inspect(legacy).get_columns("sync_runs")}
     with legacy.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM sync_runs")).scalar_one() == 1
