@@ -36,6 +36,8 @@ CONCURRENCY = 16
 PRICE_DAYS = 5
 DIP_CHECKPOINT_RECORDS = 500
 DIP_CHECKPOINT_SECONDS = 30.0
+# DIP: "about 15 minutes" pass before a change is visible; windows overlap by that much.
+DIP_VISIBILITY_DELAY_MINUTES = 15.0
 RETRY_COOLDOWN_SECONDS = 30.0
 
 
@@ -83,6 +85,9 @@ class Environment(BaseSettings):
     )
     dip_checkpoint_seconds: float | None = Field(
         default=None, gt=0, validation_alias=AliasChoices("DIP_CHECKPOINT_SECONDS")
+    )
+    dip_visibility_delay_minutes: float | None = Field(
+        default=None, ge=0, validation_alias=AliasChoices("DIP_VISIBILITY_DELAY_MINUTES")
     )
     retry_cooldown_seconds: float | None = Field(
         default=None, ge=0, validation_alias=AliasChoices("SYNCPOINT_RETRY_COOLDOWN_SECONDS")
@@ -277,6 +282,8 @@ class RunSettings(Generic[ApiT]):
     price_days: int = PRICE_DAYS
     checkpoint_every_records: int = DIP_CHECKPOINT_RECORDS
     checkpoint_every_seconds: float = DIP_CHECKPOINT_SECONDS
+    # document-sync: how far each window reaches back before the last one's end.
+    visibility_delay_minutes: float = DIP_VISIBILITY_DELAY_MINUTES
     # Seconds before a stage's transient failures get a second pass within the run.
     retry_cooldown: float = RETRY_COOLDOWN_SECONDS
 
@@ -370,6 +377,7 @@ def resolve_document_sync(
     *,
     checkpoint_every_records: int | None = None,
     checkpoint_every_seconds: float | None = None,
+    visibility_delay_minutes: float | None = None,
     builtin_api: bool | None = None,
     dip_api_block: str | None = None,
     database_block: str | None = None,
@@ -379,6 +387,10 @@ def resolve_document_sync(
     if checkpoint_every_seconds is not None and checkpoint_every_seconds <= 0:
         raise ConfigError(
             f"checkpoint_every_seconds must be positive, got {checkpoint_every_seconds}"
+        )
+    if visibility_delay_minutes is not None and not visibility_delay_minutes >= 0:
+        raise ConfigError(
+            f"visibility_delay_minutes must be 0 or more, got {visibility_delay_minutes}"
         )
     env, data, store, api = _common(
         DipApi,
@@ -400,5 +412,10 @@ def resolve_document_sync(
         ),
         checkpoint_every_seconds=_first(
             checkpoint_every_seconds, env.dip_checkpoint_seconds, DIP_CHECKPOINT_SECONDS
+        ),
+        visibility_delay_minutes=_first(
+            visibility_delay_minutes,
+            env.dip_visibility_delay_minutes,
+            DIP_VISIBILITY_DELAY_MINUTES,
         ),
     )

@@ -191,6 +191,12 @@ def entities_text(summary: dict[str, Any]) -> str:
             continue
         s = e["stream"]
         note = f"  ({e['incomplete']})" if e.get("incomplete") else ""
+        # The price of the overlapping windows, and what it caught.
+        if s.get("overlap_until"):
+            note += (
+                f"; {s.get('overlap_records', 0)} re-read in the overlap, "
+                f"{s.get('late_records', 0)} of them new"
+            )
         lines.append(
             f"  {e['entity']:<22}{e['status']:<10}{e['recovery']:<19}"
             f"{s['records']:>7} records, {s['pages']} pages, {s['checkpoints']} checkpoints"

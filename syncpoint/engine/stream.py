@@ -4,14 +4,22 @@ The counterpart of the batch map for sources paged by cursor and date (document-
 A checkpoint is written every `max_records` records or `max_seconds` seconds, whichever
 comes first, in the same transaction as the records it covers: a crash replays at most
 one segment, and upserts on (entity, id) make the replay harmless.
+
+Windows are instants: a window's end is fixed when it starts, and the next window starts
+a visibility delay before it (DIP: a change takes about 15 minutes to show), so a change
+that surfaced late is read by the next window instead of being lost. The overlap costs a
+few records read twice; how many, and how many of them were new, is reported.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, cast
+
+from prefect.utilities.annotations import quote
 
 from syncpoint.blocks.dip_api import DipApi
 from syncpoint.core.db import Database
@@ -21,7 +29,13 @@ from syncpoint.core.ledger import reset_command
 from syncpoint.engine.batch_map import StageRun
 from syncpoint.engine.job_run import JobRun
 from syncpoint.sources.documents import Window
-from syncpoint.tasks.segments import Segment, fetch_segment, store_segment
+from syncpoint.tasks.segments import (
+    LoopGuard,
+    Segment,
+    fetch_segment,
+    store_segment,
+    stored_versions,
+)
 
 FRESH, RESUME, RETRY = "fresh start", "checkpoint resume", "retry"
 
@@ -42,6 +56,17 @@ class StreamPosition:
     total_records: int = 0
     guard: str | None = None  # why the loop guard ended the window, if it did
     rejected: int = 0  # records in this window that were not usable
+    # numFound when this window's stream started, as last seen, and the most seen; the
+    # largest page seen (the API's page size). Together they bound the pages a window takes.
+    num_found_start: int | None = None
+    num_found: int | None = None
+    num_found_max: int = 0
+    page_size: int = 0
+    # The overlap: records updated up to this instant (the last completed window's end)
+    # were due in that window; reading them again is the price of the visibility delay.
+    overlap_until: str | None = None
+    overlap_records: int = 0  # records of this window from the overlap
+    late_records: int = 0  # of those, not stored in that version before: surfaced late
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> StreamPosition:
@@ -50,8 +75,11 @@ class StreamPosition:
         if unknown or not isinstance(data.get("window_end"), str):
             raise ValueError(f"stream position has unknown or missing fields {sorted(unknown)}")
         position = cls(**data)
-        for name in ("records", "pages", "checkpoints", "total_records", "rejected"):
-            if not isinstance(getattr(position, name), int) or getattr(position, name) < 0:
+        for name in COUNTS:
+            if not _is_count(getattr(position, name)):
+                raise ValueError(f"stream position {name} is not a count")
+        for name in ("num_found_start", "num_found"):
+            if getattr(position, name) is not None and not _is_count(getattr(position, name)):
                 raise ValueError(f"stream position {name} is not a count")
         return position
 
@@ -59,13 +87,38 @@ class StreamPosition:
         return asdict(self)
 
 
+COUNTS = (
+    "records",
+    "pages",
+    "checkpoints",
+    "total_records",
+    "rejected",
+    "num_found_max",
+    "page_size",
+    "overlap_records",
+    "late_records",
+)
+
+
 def plan_window(
-    previous: StreamPosition | None, *, resume: bool, since: str | None, end: str
+    previous: StreamPosition | None,
+    *,
+    resume: bool,
+    since: str | None,
+    end: str,
+    overlap: timedelta = timedelta(0),
 ) -> tuple[StreamPosition, str]:
-    """This run's window and which recovery applies: fresh, resume or retry."""
+    """This run's window and which recovery applies: fresh, resume or retry.
+
+    A fresh window starts `overlap` (the API's visibility delay) before the end of the last
+    completed one; `since` overrides that start.
+    """
     if previous is not None and not previous.finished:
         if resume and previous.cursor:
-            return previous, RESUME
+            # A window the loop guard ended resumes too: the records before its cursor are
+            # stored, and an upstream that misbehaves still trips the guard again.
+            resumed = StreamPosition.from_dict(previous.to_dict() | {"guard": None})
+            return resumed, RESUME
         # Without --resume an interrupted stream restarts its window: no gap, and the
         # records it stored already are overwritten with the same values.
         restarted = StreamPosition(
@@ -73,11 +126,30 @@ def plan_window(
             window_end=end,
             watermark=previous.watermark,
             total_records=previous.total_records,
+            overlap_until=None if since else previous.overlap_until,
         )
         return restarted, RETRY
     watermark = previous.watermark if previous else None
-    start = since or watermark
-    return StreamPosition(start, end, watermark=watermark, total_records=_total(previous)), FRESH
+    if since or watermark is None:
+        position = StreamPosition(since, end, watermark=watermark, total_records=_total(previous))
+        return position, FRESH
+    start = shift(watermark, -overlap)
+    position = StreamPosition(
+        start,
+        end,
+        watermark=watermark,
+        total_records=_total(previous),
+        overlap_until=watermark if overlap else None,
+    )
+    return position, FRESH
+
+
+def shift(stamp: str, delta: timedelta) -> str:
+    """An ISO instant moved by `delta`, in UTC with its offset written out."""
+    moment = datetime.fromisoformat(stamp)
+    if moment.tzinfo is None:  # positions written by syncpoint always carry one
+        moment = moment.replace(tzinfo=UTC)
+    return (moment.astimezone(UTC) + delta).isoformat()
 
 
 def stream(
@@ -95,9 +167,9 @@ def stream(
 ) -> StageRun:
     """Read the window from the position's cursor to its end (or a stop), checkpointing."""
     ran = StageRun()
-    seen: set[str] = {position.cursor} if position.cursor else set()
-    last_ids: list[str] = []
+    guard = LoopGuard(position.cursor, position.pages, position.page_size, position.num_found_max)
     window = Window(position.window_start, position.window_end)
+    overlap_until = _instant(position.overlap_until)
     while not position.finished and not position.guard and not stop.requested:
         segment = cast(
             Segment,
@@ -106,39 +178,69 @@ def stream(
                 entity,
                 window,
                 position.cursor,
-                frozenset(seen),
-                last_ids,
-                position.records + position.rejected,
+                guard,
                 max_records,
                 max_seconds,
                 stop,
             ).result(),
         )
-        seen.update(segment.cursors)
-        last_ids = segment.last_ids
+        guard = segment.guard or guard
         position.cursor = segment.cursor
         position.pages += segment.pages
         position.records += len(segment.rows)
         position.rejected += segment.rejected
         position.total_records += len(segment.rows)
         position.checkpoints += 1
+        position.page_size, position.num_found_max = guard.page_size, guard.most_found
+        if segment.num_found is not None:
+            position.num_found = segment.num_found
+            if position.num_found_start is None:
+                position.num_found_start = segment.num_found
         newest = max((r["aktualisiert"] for r in segment.rows), default=None)
         if newest is not None:
             stamp = newest.astimezone(UTC).isoformat()
-            position.newest = max(position.newest or stamp, stamp)
+            position.newest = max(position.newest or stamp, stamp, key=_instant_key)
+        if overlap_until is not None:
+            _count_overlap(position, segment.rows, overlap_until, data, entity)
         if segment.stuck:
             # Ends this window without moving the watermark: the next run reads it again.
             position.guard = segment.stuck
         elif segment.done:
-            # The window is complete: the next run starts where this one ended.
+            # The window is complete, also when it delivered fewer records than numFound
+            # says: those surfaced (or changed) behind the cursor while the stream ran, and
+            # the next window's overlap reads them.
             position.finished, position.watermark, position.cursor = True, window.end, None
         ran.requests += segment.requests
         ran.rows_written += store_segment.submit(
-            data, checkpoints, run_id, entity, segment.rows, position.to_dict()
+            data,
+            checkpoints,
+            run_id,
+            entity,
+            # quote(): Prefect would otherwise walk every record of the segment looking
+            # for futures to wait on, which costs more than storing them.
+            cast(list[dict[str, Any]], quote(segment.rows)),
+            position.to_dict(),
         ).result()
         ran.items_processed += len(segment.rows)
         on_checkpoint(position, segment)
     return ran
+
+
+def _count_overlap(
+    position: StreamPosition,
+    rows: list[dict[str, Any]],
+    until: datetime,
+    data: Database,
+    entity: str,
+) -> None:
+    """Count the segment's records from the overlap, and those of them that are news: not
+    stored in that version before (they surfaced after the last window read past them)."""
+    overlap = [r for r in rows if r["aktualisiert"] <= until]
+    if not overlap:
+        return
+    stored = stored_versions(data, entity, [r["id"] for r in overlap])
+    position.overlap_records += len(overlap)
+    position.late_records += sum(1 for r in overlap if stored.get(r["id"]) != r["aktualisiert"])
 
 
 def run_stream(
@@ -151,32 +253,44 @@ def run_stream(
     end: str,
     max_records: int,
     max_seconds: float,
+    overlap: timedelta = timedelta(0),
 ) -> dict[str, Any]:
     """One entity's stream inside its JobRun: plan the window, read it, report."""
     previous = load_position(run.run.state.stream, run.job, entity, run.run_id)
-    position, mode = plan_window(previous, resume=resume, since=since, end=end)
+    position, mode = plan_window(previous, resume=resume, since=since, end=end, overlap=overlap)
     cursor_note = f", from its cursor after {position.records} records" if mode == RESUME else ""
+    if mode == RESUME and previous is not None and previous.guard:
+        cursor_note += f" (the loop guard had ended it: {previous.guard})"
+    overlap_note = (
+        f" ({_minutes(overlap)} overlap with the last window, for changes that surface late)"
+        if position.overlap_until and mode != RESUME
+        else ""
+    )
     run.logger.info(
-        "%s: %s, records updated %s .. %s%s",
+        "%s: %s, records updated %s .. %s%s%s",
         entity,
         mode,
         position.window_start or "ever",
         position.window_end,
+        overlap_note,
         cursor_note,
     )
+    began, records_before = time.monotonic(), position.records
 
     def progress(pos: StreamPosition, seg: Segment) -> None:
-        found = seg.num_found if seg.num_found is not None else "?"
         run.logger.info(
-            "%s: checkpoint %d: %d records of %s this window, %d pages",
+            "%s: checkpoint %d: %d records of %s this window, %d pages%s",
             entity,
             pos.checkpoints,
             pos.records,
-            found,
+            "?" if pos.num_found is None else pos.num_found,
             pos.pages,
+            _eta(pos, time.monotonic() - began, pos.records - records_before),
         )
         if seg.stuck:
             run.logger.warning("%s: the loop guard ended the stream: %s", entity, seg.stuck)
+        elif seg.done:
+            _report_end(run, entity, pos)
 
     run.stage(
         "stream",
@@ -194,7 +308,50 @@ def run_stream(
         ),
     )
     summary = run.finish(incomplete=f"loop guard: {position.guard}" if position.guard else None)
-    return {**summary, "recovery": mode, "stream": position.to_dict()}
+    return {
+        **summary,
+        "recovery": mode,
+        "overlap": {"records": position.overlap_records, "late": position.late_records},
+        "stream": position.to_dict(),
+    }
+
+
+def _report_end(run: JobRun, entity: str, pos: StreamPosition) -> None:
+    received = pos.records + pos.rejected
+    if pos.num_found is not None and received < pos.num_found:
+        run.logger.info(
+            "%s: the stream ended %d records short of numFound %d (%s when it started): "
+            "records that surfaced or changed behind its cursor while it ran; the next "
+            "window's overlap reads them",
+            entity,
+            pos.num_found - received,
+            pos.num_found,
+            pos.num_found_start,
+        )
+    if pos.overlap_until:
+        run.logger.info(
+            "%s: the overlap re-read %d records updated before the last window's end (%s); "
+            "%d of them were new or changed since",
+            entity,
+            pos.overlap_records,
+            pos.overlap_until,
+            pos.late_records,
+        )
+
+
+def _eta(pos: StreamPosition, elapsed: float, read: int) -> str:
+    """ ", 12% , ~3m10s left": progress against numFound as it is now, at this run's pace."""
+    if not pos.num_found or read <= 0:
+        return ""
+    left = max(pos.num_found - pos.records, 0)
+    share = min(pos.records / pos.num_found, 1.0)
+    seconds = round(elapsed / read * left)
+    return f", {share:.0%}, ~{seconds // 60}m{seconds % 60:02d}s left"
+
+
+def _minutes(delta: timedelta) -> str:
+    minutes = delta.total_seconds() / 60
+    return f"{minutes:g} min"
 
 
 def load_position(
@@ -218,3 +375,21 @@ def now_iso() -> str:
 
 def _total(previous: StreamPosition | None) -> int:
     return previous.total_records if previous else 0
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _instant(stamp: str | None) -> datetime | None:
+    if stamp is None:
+        return None
+    moment = datetime.fromisoformat(stamp)
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _instant_key(stamp: str) -> datetime:
+    """Compare ISO strings as instants: "...+01:00" and "...Z" do not sort as text."""
+    moment = _instant(stamp)
+    assert moment is not None
+    return moment

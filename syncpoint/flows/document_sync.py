@@ -1,15 +1,16 @@
 """Incremental, cursor-paged document sync with one checkpoint per entity.
 
 Each entity is its own checkpoint (job document-sync, run key = entity): its cursor, the
-window it is reading and the end of its last completed window. A new run asks only for
-records updated since then; `resume` continues an interrupted stream from its saved
+window it is reading and the end of its last completed window. A new run asks for the
+records updated since then, reaching back by the API's visibility delay so that changes
+which surfaced late are not lost; `resume` continues an interrupted stream from its saved
 cursor, otherwise the interrupted window restarts. One entity's corrupt checkpoint is
 reported and the others still run.
 """
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, time
+from datetime import UTC, datetime, time, timedelta
 from typing import Any
 
 from prefect import get_run_logger
@@ -34,12 +35,17 @@ def document_sync(
     since: str | None = None,
     checkpoint_every_records: int | None = None,
     checkpoint_every_seconds: float | None = None,
+    visibility_delay_minutes: float | None = None,
     builtin_api: bool | None = None,
     dip_api_block: str | None = None,
     database_block: str | None = None,
     checkpoint_block: str | None = None,
 ) -> dict[str, Any]:
-    """Sync `entity` (or every entity with `all_entities`) into dip_documents."""
+    """Sync `entity` (or every entity with `all_entities`) into dip_documents.
+
+    `visibility_delay_minutes` (DIP_VISIBILITY_DELAY_MINUTES, default 15): how long the API
+    takes to show a change; each window starts that much before the last one ended.
+    """
     logger = get_run_logger()
     entities = _entities(entity, all_entities)
     window_end = _day_end(end) if end else now_iso()
@@ -47,6 +53,7 @@ def document_sync(
     config = settings.resolve_document_sync(
         checkpoint_every_records=checkpoint_every_records,
         checkpoint_every_seconds=checkpoint_every_seconds,
+        visibility_delay_minutes=visibility_delay_minutes,
         builtin_api=builtin_api,
         dip_api_block=dip_api_block,
         database_block=database_block,
@@ -88,6 +95,7 @@ def document_sync(
                         end=window_end,
                         max_records=config.checkpoint_every_records,
                         max_seconds=config.checkpoint_every_seconds,
+                        overlap=timedelta(minutes=config.visibility_delay_minutes),
                     )
                 results.append({"entity": name, **summary})
             except (CheckpointError, RunFailed) as exc:

@@ -9,9 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from syncpoint.core.errors import ItemError
-from zoneinfo import ZoneInfo
 
 ENTITIES = (
     "person",
@@ -66,7 +66,9 @@ def parse_timestamp(value: Any, what: str) -> datetime:
         parsed = datetime.fromisoformat(str(value))
     except ValueError:
         raise ItemError(f"{what}: aktualisiert {str(value)[:40]!r} is not a timestamp") from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    # Without an offset DIP means Berlin time. The instant is kept in UTC: SQLite stores no
+    # offset, and Berlin wall time is ambiguous for an hour every October.
+    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=BERLIN)).astimezone(UTC)
 
 
 def read_page(entity: str, payload: Any) -> tuple[list[Any], str, int | None]:

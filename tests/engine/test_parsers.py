@@ -131,14 +131,18 @@ def test_a_document_without_usable_date_or_title_still_is_one() -> None:
     )
 
     assert (row["id"], row["datum"], row["titel"]) == ("p1", None, None)
-    assert row["aktualisiert"] == datetime(2026, 11, 20, tzinfo=UTC)
+    assert row["aktualisiert"] == datetime(2026, 11, 19, 23, tzinfo=UTC)  # Berlin midnight
 
 
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
+        # Without an offset DIP means Berlin time (CET in November).
         pytest.param(
-            "2026-11-20T10:15:00", datetime(2026, 11, 20, 10, 15, tzinfo=UTC), id="naive-is-utc"
+            "2026-11-20T10:15:00", datetime(2026, 11, 20, 9, 15, tzinfo=UTC), id="naive-is-berlin"
+        ),
+        pytest.param(
+            "2026-07-20T10:15:00", datetime(2026, 7, 20, 8, 15, tzinfo=UTC), id="naive-summer"
         ),
         pytest.param("2026-11-20T10:15:00Z", datetime(2026, 11, 20, 10, 15, tzinfo=UTC), id="zulu"),
         pytest.param(
@@ -148,10 +152,11 @@ def test_a_document_without_usable_date_or_title_still_is_one() -> None:
         ),
     ],
 )
-def test_timestamps_are_always_aware(text: str, expected: datetime) -> None:
+def test_timestamps_are_utc_instants(text: str, expected: datetime) -> None:
     parsed = parse_timestamp(text, "person/1")
     assert parsed == expected
-    assert parsed.tzinfo is not None
+    # UTC, so that SQLite (which stores no offset) keeps the instant, not a wall time.
+    assert parsed.tzinfo is UTC
 
 
 def test_validate_normalises_deduplicates_and_rejects() -> None:

@@ -1,27 +1,33 @@
-"""The cursor stream's window planning and the validation of a saved stream position.
+"""The cursor stream's window planning, its loop guard and the validation of a saved
+stream position.
 
 plan_window decides which records a document-sync run asks for and how it recovers
 (seed 004): a fresh start, a checkpoint resume from the saved cursor, or a retry of an
-interrupted window from its beginning. Positions come back from the ledger as JSON and
-are validated before any of that.
+interrupted window from its beginning; a fresh window reaches back by the API's visibility
+delay. The LoopGuard tells a stream that loops from one that grows. Positions come back
+from the ledger as JSON and are validated before any of that.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
+from datetime import timedelta
 from typing import Any
 
 import pytest
 
 from syncpoint.core.errors import CheckpointError
 from syncpoint.engine.stream import (
+    COUNTS,
     FRESH,
     RESUME,
     RETRY,
     StreamPosition,
     load_position,
     plan_window,
+    shift,
 )
+from syncpoint.tasks.segments import IDLE_PAGES, RECENT, LoopGuard
 
 T0 = "2026-11-01T00:00:00+00:00"
 E1 = "2026-11-19T23:59:59+00:00"
@@ -142,17 +148,190 @@ def test_a_window_the_loop_guard_ended_is_read_again_without_resume() -> None:
     assert (position.window_start, position.guard, position.cursor) == (E1, None, None)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="possible bug: with --resume a guard-ended window is resumed with its guard "
-    "still set, so stream() reads nothing and the window never completes",
-)
 def test_a_window_the_loop_guard_ended_is_read_again_with_resume() -> None:
     guarded = replace(INTERRUPTED, guard="the API repeated cursor 'AoJw9f2'")
 
-    position, _mode = plan_window(guarded, resume=True, since=None, end=E2)
+    position, mode = plan_window(guarded, resume=True, since=None, end=E2)
 
+    # From its saved cursor (the records before it are stored), with the guard lifted so
+    # the stream reads on; an upstream still broken trips it again.
+    assert mode == RESUME
     assert position.guard is None
+    assert position == replace(guarded, guard=None)
+    assert guarded.guard is not None  # the saved position itself is not changed
+
+
+# --- the overlap ---------------------------------------------------------------------------
+
+DELAY = timedelta(minutes=15)
+
+
+def test_a_fresh_window_reaches_back_by_the_visibility_delay() -> None:
+    position, mode = plan_window(COMPLETED, resume=False, since=None, end=E2, overlap=DELAY)
+
+    assert mode == FRESH
+    assert position.window_start == "2026-11-19T23:44:59+00:00"
+    assert position.overlap_until == E1  # records up to here were the last window's
+    assert (position.watermark, position.window_end) == (E1, E2)
+
+
+def test_without_a_delay_there_is_no_overlap() -> None:
+    position, _ = plan_window(COMPLETED, resume=False, since=None, end=E2)
+
+    assert (position.window_start, position.overlap_until) == (E1, None)
+
+
+def test_a_first_window_and_since_have_no_overlap() -> None:
+    first, _ = plan_window(None, resume=False, since=None, end=E2, overlap=DELAY)
+    given, _ = plan_window(COMPLETED, resume=False, since=SINCE, end=E2, overlap=DELAY)
+
+    assert (first.window_start, first.overlap_until) == (None, None)
+    assert (given.window_start, given.overlap_until) == (SINCE, None)
+
+
+def test_a_retried_window_keeps_its_overlap_and_a_resumed_one_its_counts() -> None:
+    overlapping = replace(
+        INTERRUPTED,
+        window_start=shift(E1, -DELAY),
+        overlap_until=E1,
+        overlap_records=3,
+        late_records=1,
+    )
+
+    retried, _ = plan_window(overlapping, resume=False, since=None, end=E2, overlap=DELAY)
+    resumed, _ = plan_window(overlapping, resume=True, since=None, end=E2, overlap=DELAY)
+
+    assert (retried.window_start, retried.overlap_until) == (shift(E1, -DELAY), E1)
+    assert (retried.overlap_records, retried.late_records) == (0, 0)  # counted again
+    assert resumed == overlapping
+
+
+@pytest.mark.parametrize(
+    ("stamp", "expected"),
+    [
+        pytest.param("2026-11-20T00:05:00+00:00", "2026-11-19T23:50:00+00:00", id="utc"),
+        # The same instant written in Berlin time: the offset is kept as an instant.
+        pytest.param("2026-11-20T01:05:00+01:00", "2026-11-19T23:50:00+00:00", id="berlin"),
+        pytest.param("2026-03-29T03:05:00+02:00", "2026-03-29T00:50:00+00:00", id="dst-day"),
+    ],
+)
+def test_shift_works_on_instants(stamp: str, expected: str) -> None:
+    assert shift(stamp, -DELAY) == expected
+
+
+# --- the loop guard ---------------------------------------------------------------------------
+
+
+def ids(start: int, count: int) -> list[str]:
+    return [str(n) for n in range(start, start + count)]
+
+
+def test_a_stream_that_grows_is_not_a_loop() -> None:
+    # 10 pages of 100 while numFound rises from 1000 to 1012, then the end: 12 short.
+    guard = LoopGuard()
+    cursor = None
+    for page in range(10):
+        assert guard.check(cursor, f"c{page}", ids(page * 100, 100), 1000 + page) == (False, None)
+        cursor = f"c{page}"
+
+    assert guard.check(cursor, cursor, [], 1012) == (True, None)
+    assert (guard.pages, guard.page_size, guard.most_found) == (11, 100, 1012)
+
+
+def test_the_end_is_the_cursor_that_no_longer_changes() -> None:
+    guard = LoopGuard()
+
+    assert guard.check(None, "c1", ids(0, 3), 3) == (False, None)
+    assert guard.check("c1", "c1", [], 3) == (True, None)
+    assert LoopGuard().check(None, "*", [], 0) == (True, None)  # nothing at all
+
+
+def test_records_under_an_unchanged_cursor_are_no_end() -> None:
+    # DIP's last page still names a new cursor; the same cursor with records again is an
+    # upstream serving one page forever.
+    guard = LoopGuard()
+    guard.check(None, "c1", ids(0, 50), 600)
+
+    assert guard.check("c1", "c1", ids(50, 50), 600) == (False, "the API repeated cursor 'c1'")
+
+
+def test_a_repeated_cursor_is_a_loop() -> None:
+    guard = LoopGuard()
+    guard.check(None, "c1", ids(0, 10), 30)
+    guard.check("c1", "c2", ids(10, 10), 30)
+
+    done, stuck = guard.check("c2", "c1", ids(20, 10), 30)
+
+    assert not done
+    assert stuck == "the API repeated cursor 'c1'"
+
+
+def test_a_page_seen_before_is_a_loop_even_under_a_fresh_cursor() -> None:
+    guard = LoopGuard()
+    guard.check(None, "c1", ids(0, 10), 30)
+
+    done, stuck = guard.check("c1", "c2", ids(0, 10), 30)
+
+    assert (done, stuck) == (False, "the API sent a page of 10 records it had sent before")
+
+
+def test_empty_pages_under_fresh_cursors_end_after_the_idle_limit() -> None:
+    # What used to run 413 requests until killed: numFound 3, pages empty, cursors new.
+    guard = LoopGuard()
+    results = [guard.check(f"c{n}", f"c{n + 1}", [], 3) for n in range(IDLE_PAGES)]
+
+    assert all(result == (False, None) for result in results[:-1])
+    assert results[-1] == (False, f"{IDLE_PAGES} pages in a row without records (numFound 3)")
+
+
+def test_a_page_with_records_resets_the_idle_count() -> None:
+    guard = LoopGuard()
+    for n in range(IDLE_PAGES - 1):
+        guard.check(f"e{n}", f"e{n + 1}", [], 100)
+    guard.check("x", "y", ids(0, 1), 100)
+
+    assert guard.idle == 0
+    assert guard.check("y", "z", [], 100) == (False, None)
+
+
+def test_more_pages_than_num_found_allows_is_a_loop() -> None:
+    # 1 record a page, fresh ids and cursors forever, numFound 5: allowed 5 pages, the end
+    # page and the margin.
+    guard = LoopGuard()
+    reasons = [guard.check(f"c{n}", f"c{n + 1}", [f"id{n}"], 5)[1] for n in range(100)]
+
+    tripped = next(n for n, reason in enumerate(reasons) if reason)
+    assert guard.page_limit() == 5 + 1 + 10 + 1
+    assert tripped == guard.page_limit()  # the first page past the limit
+    assert "numFound 5 allows at 1 records a page" in str(reasons[tripped])
+
+
+def test_the_page_bound_follows_num_found_as_it_grows() -> None:
+    guard = LoopGuard()
+    guard.check(None, "c0", ids(0, 100), 1_000)
+    before = guard.page_limit()
+    guard.check("c0", "c1", ids(100, 100), 50_000)
+    after = guard.page_limit()
+
+    assert (before, after) == (10 + 1 + 10 + 1, 500 + 1 + 10 + 11)
+
+
+def test_a_resumed_window_keeps_its_page_count() -> None:
+    guard = LoopGuard("c41", pages=41, page_size=100, most_found=4_000)
+
+    assert guard.page_limit() == 41 + 10 + 1
+    assert guard.check("c41", "c41", [], 4_000) == (True, None)  # the saved cursor's end
+    assert guard.pages == 42
+
+
+def test_the_guard_remembers_a_bounded_number_of_cursors() -> None:
+    guard = LoopGuard()
+    for n in range(RECENT + 5):
+        guard.check(f"c{n}", f"c{n + 1}", [f"id{n}"], 10**9)
+
+    # The oldest fell out of memory (a cycle that long meets the page bound instead).
+    assert guard.check("x", "c1", ["fresh"], 10**9) == (False, None)
+    assert guard.check("y", f"c{RECENT}", ["fresher"], 10**9)[1] is not None
 
 
 # --- StreamPosition.from_dict and load_position ---------------------------------------------
@@ -169,8 +348,6 @@ def test_a_position_with_only_its_required_fields_gets_the_defaults() -> None:
     assert position == StreamPosition(None, E2)
     assert (position.records, position.finished, position.guard) == (0, False, None)
 
-
-COUNTS = ("records", "pages", "checkpoints", "total_records", "rejected")
 
 BAD_POSITIONS = [
     pytest.param(
@@ -196,6 +373,16 @@ BAD_POSITIONS = [
         {**INTERRUPTED.to_dict(), "records": "20"},
         "stream position records is not a count",
         id="records-a-string",
+    ),
+    pytest.param(
+        {**INTERRUPTED.to_dict(), "num_found": -3},
+        "stream position num_found is not a count",
+        id="negative-num_found",
+    ),
+    pytest.param(
+        {**INTERRUPTED.to_dict(), "pages": True},
+        "stream position pages is not a count",
+        id="pages-a-bool",
     ),
 ]
 
