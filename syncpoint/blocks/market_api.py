@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from prefect.blocks.core import Block
 from pydantic import Field, HttpUrl, SecretStr
 
-from syncpoint.core.http import ApiClient, RetryPolicy
-from syncpoint.core.rate_limit import shared_limiter
+from syncpoint.core.http import (
+    DEFAULT_MAX_RESPONSE_BYTES,
+    DEFAULT_REQUEST_DEADLINE,
+    ApiClient,
+    AuthMode,
+    RetryPolicy,
+)
+from syncpoint.core.rate_limit import DEFAULT_MAX_WAIT, shared_limiter
 
 
 class MarketApi(Block):
@@ -14,6 +22,9 @@ class MarketApi(Block):
 
     Every request of a process to the same base URL shares one rate limiter, so the
     whole run paces itself below `requests_per_minute` before the API answers 429.
+    Whatever the API answers, a request is bounded: in size (`max_response_bytes`), in
+    time (`request_deadline_seconds` per attempt) and in any wait it asks for
+    (`max_wait_seconds`).
 
     Example:
         Load a saved block and open a client:
@@ -30,6 +41,8 @@ class MarketApi(Block):
     _block_type_slug = "syncpoint-market-api"
     _description = "Base URL, key and pacing for the market data API syncpoint reads."
     _documentation_url = HttpUrl("https://github.com/syncpoint/syncpoint#configuration")
+    # Named in the message when the API refuses the key: where this API's key is set.
+    key_hint: ClassVar[str] = "MARKET_API_KEY or the Syncpoint Market API block's api_key"
 
     base_url: str = Field(
         default="https://financialmodelingprep.com",
@@ -66,14 +79,53 @@ class MarketApi(Block):
     max_attempts: int = Field(
         default=5, ge=1, le=20, description="Attempts per request for retriable failures."
     )
+    max_wait_seconds: float = Field(
+        default=DEFAULT_MAX_WAIT,
+        gt=0,
+        le=3600,
+        description=(
+            "The longest any single wait may last: a retry's backoff, a Retry-After the API "
+            "sends (seconds or a date; larger values are cut to this) and the pause of the "
+            "shared rate limiter after a 429. A stop request ends any wait at once."
+        ),
+    )
+    request_deadline_seconds: float = Field(
+        default=DEFAULT_REQUEST_DEADLINE,
+        gt=0,
+        le=3600,
+        description=(
+            "Total time one attempt may take, connect to last byte (the timeout bounds "
+            "each read only); an attempt past it is retried."
+        ),
+    )
+    max_response_bytes: int = Field(
+        default=DEFAULT_MAX_RESPONSE_BYTES,
+        ge=1024,
+        description=(
+            "Largest answer accepted, in bytes after decompression; a larger one is refused "
+            "while it streams and that item fails with the reason."
+        ),
+    )
+
+    def _auth(self) -> AuthMode:
+        return "query"
 
     def client(self) -> ApiClient:
         """A new async client; open it with `async with`."""
         return ApiClient(
             self.base_url,
             api_key=self.api_key,
+            auth=self._auth(),
+            key_hint=self.key_hint,
             concurrency=self.concurrency,
-            limiter=shared_limiter(self.base_url, self.requests_per_minute, self.global_rate_limit),
-            policy=RetryPolicy(attempts=self.max_attempts),
+            limiter=shared_limiter(
+                self.base_url,
+                self.requests_per_minute,
+                self.global_rate_limit,
+                max_wait=self.max_wait_seconds,
+            ),
+            policy=RetryPolicy(attempts=self.max_attempts, max_wait=self.max_wait_seconds),
             timeout=self.timeout_seconds,
+            deadline=self.request_deadline_seconds,
+            max_response_bytes=self.max_response_bytes,
         )

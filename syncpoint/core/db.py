@@ -7,6 +7,7 @@ logged without leaking a password; `describe()` is the only form that reaches ou
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,10 +21,12 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, InterfaceError, OperationalError, SQLAlchemyError
 
 from syncpoint.core.errors import ConfigError, StorageError
-from syncpoint.core.redact import redact
+from syncpoint.core.redact import redact, register_secret
 from syncpoint.core.schema import ensure_current
 
 _engines: dict[tuple[str, str], Engine] = {}
+# connect_args whose value is a secret (password, sslpassword, token...), not a path or mode.
+_SECRET_ARG = re.compile(r"pass|secret|token|credential|api_?key", re.IGNORECASE)
 _lock = threading.Lock()
 
 
@@ -48,6 +51,11 @@ class Database:
             raise ConfigError(
                 f"unsupported database {parsed.get_backend_name()!r}: use sqlite or postgresql"
             )
+        # A driver's error can quote the password in any words: mask the value itself.
+        register_secret(parsed.password)
+        for name, value in (connect_args or {}).items():
+            if _SECRET_ARG.search(str(name)) and isinstance(value, str):
+                register_secret(value)
         return cls(
             SecretStr(_normalise(parsed).render_as_string(hide_password=False)),
             SecretStr(json.dumps(connect_args or {}, sort_keys=True, default=str)),

@@ -3,20 +3,41 @@
 Prefect runs async tasks on their own event loops in worker threads, so an asyncio lock
 would not be shared: a threading.Lock reserves the next slot, the wait happens outside it.
 A 429 pushes the shared next slot back, so every request slows down, not only the refused
-one.
+one. Whatever the API asks for, a pause is capped (`max_wait`), and the default sleep ends
+as soon as a stop is requested (syncpoint.core.interrupts).
 """
 
 from __future__ import annotations
 
-import asyncio
+import math
 import threading
 import time
 from collections.abc import Awaitable, Callable
 
-from syncpoint.core.errors import ConfigError
+from syncpoint.core.errors import ConfigError, RetriableApiError
+from syncpoint.core.interrupts import interruptible, interruptible_sleep
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
+
+# The one cap on any single wait an API can impose (Retry-After, a limiter pause, a retry's
+# backoff): long enough to honour a real API's "come back in a minute or two", short
+# enough that one hostile answer cannot stall a nightly run.
+DEFAULT_MAX_WAIT = 120.0
+
+
+def bounded_wait(seconds: float, cap: float) -> float:
+    """`seconds` clamped to [0, cap]; infinity and NaN (nonsense from upstream) count as cap."""
+    if math.isnan(seconds):
+        return cap
+    return min(max(0.0, seconds), cap)
+
+
+def check_max_wait(cap: float) -> float:
+    """A usable cap: finite and positive, or ValueError."""
+    if not (math.isfinite(cap) and cap > 0):
+        raise ValueError(f"the wait cap must be a positive number of seconds, not {cap!r}")
+    return float(cap)
 
 
 class RateLimiter:
@@ -27,12 +48,14 @@ class RateLimiter:
         per_minute: float | None,
         *,
         global_limit: str | None = None,
+        max_wait: float = DEFAULT_MAX_WAIT,
         clock: Clock = time.monotonic,
-        sleep: Sleep = asyncio.sleep,
+        sleep: Sleep = interruptible_sleep,
     ) -> None:
         if per_minute is not None and per_minute <= 0:
             raise ValueError("per_minute must be positive or None (unlimited)")
         self.per_minute = per_minute
+        self.max_wait = check_max_wait(max_wait)
         # A Prefect global concurrency limit with slot decay: one budget for every worker.
         self.global_limit = global_limit
         self._interval = 60.0 / per_minute if per_minute else 0.0
@@ -58,19 +81,30 @@ class RateLimiter:
             self.waited += delay
             await self._sleep(delay)
         if self.global_limit:
-            await _global_slot(self.global_limit)
+            await interruptible(_global_slot(self.global_limit, self.max_wait), self.max_wait)
 
     def pause(self, seconds: float) -> None:
-        """The API asked everyone to back off: no slot before now + seconds."""
+        """The API asked everyone to back off: no slot before now + seconds (at most max_wait).
+
+        The cap matters most here: an uncapped pause (`Retry-After: 999999`) would hold back
+        every request of the process, not only the one that was refused.
+        """
+        wait = bounded_wait(seconds, self.max_wait)
         with self._lock:
-            self._next = max(self._next, self._clock() + max(0.0, seconds))
+            self._next = max(self._next, self._clock() + wait)
 
 
-async def _global_slot(name: str) -> None:
+async def _global_slot(name: str, max_wait: float) -> None:
     from prefect.concurrency.asyncio import ConcurrencySlotAcquisitionError, rate_limit
 
     try:
-        await rate_limit(name, occupy=1, strict=True)
+        # Bounded like every other wait: a limit whose slots never free up (decay set to
+        # nearly nothing, another worker hogging it) makes this request transient, not stuck.
+        await rate_limit(name, occupy=1, strict=True, timeout_seconds=max_wait)
+    except TimeoutError:
+        raise RetriableApiError(
+            f"no slot from Prefect global concurrency limit {name!r} within {max_wait:.0f}s"
+        ) from None
     except ConcurrencySlotAcquisitionError:
         raise ConfigError(
             f"Prefect global concurrency limit {name!r} does not exist (or has no slot decay); "
@@ -83,15 +117,20 @@ _shared_lock = threading.Lock()
 
 
 def shared_limiter(
-    key: str, per_minute: float | None, global_limit: str | None = None
+    key: str,
+    per_minute: float | None,
+    global_limit: str | None = None,
+    max_wait: float = DEFAULT_MAX_WAIT,
 ) -> RateLimiter:
     """The process-wide limiter for `key` (a base URL); created on first use."""
     with _shared_lock:
         limiter = _shared.get((key, global_limit))
         if limiter is None or limiter.per_minute != per_minute:
             limiter = _shared[(key, global_limit)] = RateLimiter(
-                per_minute, global_limit=global_limit
+                per_minute, global_limit=global_limit, max_wait=max_wait
             )
+        # The latest setting wins without resetting the pace: one API, one cap.
+        limiter.max_wait = check_max_wait(max_wait)
         return limiter
 
 

@@ -1,13 +1,32 @@
-"""The shared pace: evenly spaced slots, shared across threads, pushed back by a 429."""
+"""The shared pace: evenly spaced slots, shared across threads, pushed back by a 429 (never
+for longer than the cap), and every wait ended by a stop request."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
+from collections.abc import Iterator
 
 import pytest
 
+from syncpoint.core.interrupts import (
+    StopFlag,
+    WaitInterrupted,
+    clear_stop_request,
+    interruptible,
+    interruptible_sleep,
+    stop_requested,
+)
 from syncpoint.core.rate_limit import RateLimiter, drop_limiter, shared_limiter
+
+
+@pytest.fixture(autouse=True)
+def no_stop_requested() -> Iterator[None]:
+    """The stop event is process-wide: no test starts or leaves one behind."""
+    clear_stop_request()
+    yield
+    clear_stop_request()
 
 
 class FakeTime:
@@ -24,9 +43,9 @@ class FakeTime:
         self.slept.append(seconds)
 
 
-def make(per_minute: float | None) -> tuple[RateLimiter, FakeTime]:
+def make(per_minute: float | None, max_wait: float = 120.0) -> tuple[RateLimiter, FakeTime]:
     t = FakeTime()
-    return RateLimiter(per_minute, clock=t.clock, sleep=t.sleep), t
+    return RateLimiter(per_minute, max_wait=max_wait, clock=t.clock, sleep=t.sleep), t
 
 
 def test_slots_are_evenly_spaced() -> None:
@@ -92,3 +111,119 @@ def test_shared_limiter_is_one_per_key() -> None:
 def test_rejects_nonsense() -> None:
     with pytest.raises(ValueError, match="positive"):
         RateLimiter(0)
+    for cap in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="wait cap"):
+            RateLimiter(None, max_wait=cap)
+
+
+@pytest.mark.parametrize(
+    ("asked", "waited"),
+    [
+        pytest.param(7.0, 7.0, id="honoured"),
+        pytest.param(999999.0, 60.0, id="huge"),
+        pytest.param(float("inf"), 60.0, id="inf"),
+        pytest.param(float("nan"), 60.0, id="nan"),
+        pytest.param(-3.0, None, id="negative"),
+    ],
+)
+def test_a_pause_never_exceeds_the_cap(asked: float, waited: float | None) -> None:
+    limiter, t = make(None, max_wait=60.0)
+    limiter.pause(asked)
+    asyncio.run(limiter.acquire())
+    assert t.slept == ([] if waited is None else [waited])
+
+
+def test_the_shared_limiter_takes_the_latest_cap_without_losing_its_pace() -> None:
+    try:
+        a = shared_limiter("http://capped", 60, max_wait=30.0)
+        assert a.max_wait == 30.0
+        assert shared_limiter("http://capped", 60, max_wait=90.0) is a
+        assert a.max_wait == 90.0
+    finally:
+        drop_limiter("http://capped")
+
+
+# --- stop requests cut waits short ---------------------------------------------------------
+
+
+def request_stop_after(seconds: float) -> threading.Thread:
+    flag = StopFlag()
+
+    def later() -> None:
+        time.sleep(seconds)
+        flag.request("test stop")
+
+    thread = threading.Thread(target=later, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_stop_ends_a_100_second_pause_in_another_threads_event_loop() -> None:
+    # As in Prefect: the wait runs on a task's own loop in a worker thread, the stop comes
+    # from elsewhere (a signal handler in the main thread).
+    limiter = RateLimiter(None)  # the real clock and the default, interruptible sleep
+    limiter.pause(100.0)
+    outcome: list[BaseException | None] = []
+
+    def worker() -> None:
+        try:
+            asyncio.run(limiter.acquire())
+            outcome.append(None)
+        except WaitInterrupted as exc:
+            outcome.append(exc)
+
+    started = time.monotonic()
+    thread = threading.Thread(target=worker)
+    thread.start()
+    request_stop_after(0.2).join(2)
+    thread.join(2)
+    elapsed = time.monotonic() - started
+    assert not thread.is_alive()
+    assert 0.2 <= elapsed < 1.5
+    (stopped,) = outcome
+    assert isinstance(stopped, WaitInterrupted)
+    assert stopped.seconds == pytest.approx(100.0, abs=0.5)
+
+
+def test_a_new_run_waits_again_after_an_earlier_runs_stop() -> None:
+    StopFlag().request("the earlier run")
+    assert stop_requested()
+    with pytest.raises(WaitInterrupted):
+        asyncio.run(interruptible_sleep(0.01))  # raises at once, before any sleep
+    StopFlag()  # a new run's flag: the earlier stop is not this run's
+    assert not stop_requested()
+    started = time.monotonic()
+    asyncio.run(interruptible_sleep(0.05))
+    assert time.monotonic() - started >= 0.05
+
+
+def test_interruptible_sleep_refuses_forever() -> None:
+    with pytest.raises(ValueError, match="forever"):
+        asyncio.run(interruptible_sleep(float("inf")))
+
+
+def test_a_stop_cancels_a_wait_that_is_not_ours_to_slice() -> None:
+    # A Prefect global concurrency slot is awaited, not slept: it is raced against the stop.
+    cancelled: list[bool] = []
+
+    async def never() -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.append(True)
+            raise
+
+    request_stop_after(0.1)
+    started = time.monotonic()
+    with pytest.raises(WaitInterrupted):
+        asyncio.run(interruptible(never(), 120.0))
+    assert time.monotonic() - started < 1.5
+    assert cancelled == [True]
+
+
+def test_interruptible_returns_what_it_waited_for() -> None:
+    async def answer() -> int:
+        await asyncio.sleep(0.01)
+        return 42
+
+    assert asyncio.run(interruptible(answer(), 1.0)) == 42
