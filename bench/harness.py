@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import platform
 import resource
@@ -30,6 +31,7 @@ from types import TracebackType
 from typing import Any
 
 from syncpoint.simulator import MarketSimulator
+from syncpoint.simulator.market_data import MarketData
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -173,6 +175,74 @@ class RequestWatch:
             time.sleep(POLL_SECONDS)
 
 
+# --- the API as its own process -------------------------------------------------------
+
+
+class SimProcess:
+    """The market API in its own process (`python -m bench.sim_process`), so the runs
+    measured never share a process, or a GIL, with the API they call.
+
+    It offers what the cases use of an in-process MarketSimulator: `base_url`, `data`
+    (the symbol universe, generated the same way here), `stats()` and `reset_stats()`;
+    its requests are timed by the API process itself (see `watched`).
+    """
+
+    def __init__(self, *, latency_ms: float = 0, rate_limit_per_minute: int | None = None):
+        self.latency_ms = latency_ms
+        self.rate_limit_per_minute = rate_limit_per_minute
+        self.data = MarketData()
+        self.base_url = ""
+        self.control_url = ""
+        self._proc: subprocess.Popen[str] | None = None
+
+    def __enter__(self) -> SimProcess:
+        args = [PYTHON, "-m", "bench.sim_process", "--latency-ms", str(self.latency_ms)]
+        if self.rate_limit_per_minute:
+            args += ["--rate-limit-per-minute", str(self.rate_limit_per_minute)]
+        env = clean_environ()
+        env["PYTHONPATH"] = str(ROOT)
+        self._proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+            args, env=env, cwd=ROOT, stdout=subprocess.PIPE, text=True, start_new_session=True
+        )
+        assert self._proc.stdout is not None
+        line = self._proc.stdout.readline()
+        if not line:
+            raise Failed(f"bench.sim_process exited {self._proc.wait()} before it was ready")
+        urls = json.loads(line)
+        self.base_url, self.control_url = urls["base_url"], urls["control_url"]
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._proc is not None:
+            _stop_group(self._proc)
+            self._proc = None
+
+    def _call(self, method: str, path: str) -> Any:
+        request = urllib.request.Request(f"{self.control_url}{path}", method=method)  # noqa: S310
+        with urllib.request.urlopen(request, timeout=30) as answer:  # noqa: S310
+            return json.loads(answer.read())
+
+    def stats(self) -> dict[str, Any]:
+        return dict(self._call("GET", "/stats"))
+
+    def reset_stats(self) -> None:
+        self._call("POST", "/reset")
+
+    def start_watch(self) -> None:
+        self._call("POST", "/watch/start")
+
+    def stop_watch(self) -> dict[str, Any]:
+        return dict(self._call("POST", "/watch/stop"))
+
+
+Simulator = MarketSimulator | SimProcess
+
+
 # --- processes ------------------------------------------------------------------------
 
 
@@ -247,7 +317,7 @@ class Sample:
 
 
 def watched(
-    sim: MarketSimulator,
+    sim: Simulator,
     args: Sequence[str],
     *,
     env: dict[str, str],
@@ -258,19 +328,29 @@ def watched(
 ) -> Sample:
     """Run a process against `sim` (its counters reset first) and time its requests."""
     sim.reset_stats()
-    with RequestWatch(sim) as watch:
-        timed = run_timed(args, env=env, cwd=cwd, timeout=timeout)
+    if isinstance(sim, SimProcess):
+        sim.start_watch()
+        try:
+            timed = run_timed(args, env=env, cwd=cwd, timeout=timeout)
+        finally:
+            seen = sim.stop_watch()
+        count, first_seen, last_seen = seen["count"], seen["first"], seen["last"]
+        stalls = list(seen["stalls"])
+    else:
+        with RequestWatch(sim) as watch:
+            timed = run_timed(args, env=env, cwd=cwd, timeout=timeout)
+        count, first_seen, last_seen, stalls = watch.count, watch.first, watch.last, watch.stalls
     require(timed, what, codes)
-    first = watch.first if watch.first is not None else timed.ended
-    last = watch.last if watch.last is not None else timed.ended
+    first = first_seen if first_seen is not None else timed.ended
+    last = last_seen if last_seen is not None else timed.ended
     return Sample(
         timed=timed,
-        requests=watch.count,
-        span=watch.span,
+        requests=count,
+        span=last - first,
         startup=first - timed.started,
         tail=timed.ended - last,
         responses=dict(sim.stats()["responses"]),
-        stalls=watch.stalls,
+        stalls=stalls,
     )
 
 
@@ -415,7 +495,7 @@ def prefect_server(home: Path, log: Path, timeout: float = 180) -> Iterator[tupl
         _stop_group(proc)
 
 
-def _stop_group(proc: subprocess.Popen[bytes]) -> None:
+def _stop_group(proc: subprocess.Popen[Any]) -> None:
     """SIGTERM the server's own process group (only processes this bench started)."""
     if proc.poll() is not None:
         return

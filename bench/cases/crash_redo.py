@@ -76,13 +76,15 @@ def _kill_when(
 
 def run(bench: Bench) -> CaseResult:
     # Here, not at the top: the bench driver itself never imports Prefect.
-    from syncpoint.engine.batch_map import FETCHES_IN_FLIGHT, UNMARKED_BATCHES_AT_MOST
+    from syncpoint.engine.batch_map import fetches_in_flight, unmarked_batches_at_most
 
     tickers_n = 150 if bench.quick else 1000
     batch = 30 if bench.quick else BATCH_SIZE
     items = 2 * tickers_n
     kill_at = tickers_n + batch  # just past half: the first valuations batch stored
-    in_flight = UNMARKED_BATCHES_AT_MOST  # the batches a kill can find fetched-but-unmarked
+    # The batches a kill can find fetched-but-unmarked at this concurrency and batch size.
+    in_flight = unmarked_batches_at_most(CONCURRENCY, batch)
+    fetching = fetches_in_flight(CONCURRENCY, batch)
     bound = items + in_flight * batch
     result = CaseResult(
         4,
@@ -192,7 +194,7 @@ def run(bench: Bench) -> CaseResult:
     result.notes.append(
         f"Killed with {done_at_kill:,} item-stages marked done, syncpoint spent "
         f"{total - items:,} requests twice: the items of the batches that were fetched but "
-        f"not yet marked when the kill landed (at most the {FETCHES_IN_FLIGHT} batches being "
+        f"not yet marked when the kill landed (at most the {fetching} batches being "
         "fetched and the one being stored; the persisted fetch cache gives back those whose "
         "fetch had finished). The hand-written baseline loses everything it fetched: "
         f"{base_total - items:,} requests twice."

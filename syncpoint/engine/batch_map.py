@@ -5,12 +5,18 @@ items are pending (universe - done - permanently failed), and the cached fetch t
 (syncpoint.tasks.batches) gives back a batch fetched by an attempt that died before
 storing it.
 
-Pipelining: two batches fetch at once and the batch before them is stored beside them.
-Both fetches draw on one stage-wide RequestSlots, first come first served, so the next
-batch only takes the slots the current batch's tail frees: `concurrency` stays exact and
-no slot idles at a boundary (a run keeps its pace, under a rate limit too).
-A crash finds at most three batches fetched-but-unmarked; the persisted fetch cache
-gives back every one whose fetch had finished, so a rerun refetches far less.
+Pipelining: enough batches fetch at once to fill the request slots (see
+fetches_in_flight: two for batches as large as the concurrency, more for small ones) and
+the batch before them is stored beside them. The fetches draw on one stage-wide
+RequestSlots, first come first served, so a later batch only takes the slots the earlier
+ones free: `concurrency` stays exact and no slot idles at a boundary (a run keeps its
+pace, under a rate limit too). Batch size is the checkpoint's grain, not a cap on
+requests in flight. A crash finds at most unmarked_batches_at_most() batches
+fetched-but-unmarked; the persisted fetch cache gives back every one whose fetch had
+finished, so a rerun refetches far less.
+
+One client (pools, connections, SSL context) serves the whole stage from its own event
+loop (syncpoint.core.http.ClientThread): a batch boundary opens nothing.
 """
 
 from __future__ import annotations
@@ -25,17 +31,36 @@ from prefect.futures import PrefectFuture
 from prefect.utilities.annotations import quote
 
 from syncpoint.core.db import Database
+from syncpoint.core.http import ClientThread
 from syncpoint.core.interrupts import StopFlag
 from syncpoint.core.ledger import ErrorKind, ItemOutcome, Ledger, PendingItem, StageCounts
 from syncpoint.core.request_slots import RequestSlots
 from syncpoint.sources.source import Source
 from syncpoint.tasks.batches import Batch, BatchOutcome, fetch_batch, store_batch
 
-# Batches fetching at once. Two keep the slots busy across a boundary; more would only
-# widen what a crash leaves fetched-but-unmarked.
-FETCHES_IN_FLIGHT = 2
-# What a crash can leave fetched-but-unmarked: the fetches in flight and the batch storing.
-UNMARKED_BATCHES_AT_MOST = FETCHES_IN_FLIGHT + 1
+# Never fewer batches fetching than this: the next batch must be queued for the slots
+# before the current one's tail frees them, or every boundary idles.
+MIN_FETCHES_IN_FLIGHT = 2
+
+
+def fetches_in_flight(concurrency: int, batch_size: int) -> int:
+    """Batches a stage fetches at once: enough that `concurrency` requests can be in flight.
+
+    ceil(concurrency / batch_size) batches hold that many items; one more is queued behind
+    them, so a slot freed at a boundary finds an item waiting. With batches of 5 and 16
+    slots that is 5 batches (25 items queued for 16 slots), not the 10 requests two
+    batches would allow; batches as large as the concurrency keep the minimum of two.
+    More would only widen what a crash leaves fetched-but-unmarked.
+    """
+    if concurrency < 1 or batch_size < 1:
+        raise ValueError("concurrency and batch_size must be at least 1")
+    return max(MIN_FETCHES_IN_FLIGHT, -(-concurrency // batch_size) + 1)
+
+
+def unmarked_batches_at_most(concurrency: int, batch_size: int) -> int:
+    """What a crash can leave fetched-but-unmarked: the fetches in flight, plus the batch
+    being stored (a fetch is submitted only once the batch before it is marked)."""
+    return fetches_in_flight(concurrency, batch_size) + 1
 
 
 @dataclass
@@ -160,6 +185,9 @@ def map_batches(
     result = StageRun()
     started = time.monotonic()
     slots = RequestSlots(source.concurrency)
+    depth = fetches_in_flight(source.concurrency, batch_size)
+    # Opened once for the stage, closed when it ends (after every fetch has finished).
+    clients = ClientThread(source.client())
     upcoming = iter(batches)
     fetching: deque[PrefectFuture[BatchOutcome]] = deque()
     storing: tuple[BatchOutcome, PrefectFuture[int]] | None = None
@@ -170,7 +198,7 @@ def map_batches(
         batch = next(upcoming, None)
         if batch is not None:
             # Prefect types an async task's future as one of a coroutine; it holds the value.
-            future = fetch_batch.submit(source, batch, slots)
+            future = fetch_batch.submit(source, batch, slots, clients)
             fetching.append(cast(PrefectFuture[BatchOutcome], future))
 
     def settle(outcome: BatchOutcome, future: PrefectFuture[int]) -> None:
@@ -199,7 +227,9 @@ def map_batches(
         )
 
     try:
-        for _ in range(FETCHES_IN_FLIGHT):
+        if batches:
+            clients.__enter__()
+        for _ in range(depth):
             fetch_next()
         while fetching:
             outcome = fetching.popleft().result()
@@ -219,8 +249,8 @@ def map_batches(
                     cast(BatchOutcome, quote(outcome)),  # Prefect unwraps it for the task
                 ),
             )
-            # Only now: the previous batch is marked, so at most FETCHES_IN_FLIGHT + 1
-            # batches are ever fetched-but-unmarked.
+            # Only now: the previous batch is marked, so at most depth + 1 batches are
+            # ever fetched-but-unmarked.
             fetch_next()
     finally:
         # Leaving early (a store failed, the flow is being torn down): let the fetches in
@@ -228,6 +258,7 @@ def map_batches(
         # thread goes on sending after the stage has ended.
         for future in fetching:
             future.wait()
+        clients.__exit__(None, None, None)
         # A batch that was fetched is always stored before the stage ends, whatever ended it.
         if storing is not None:
             settle(*storing)

@@ -22,7 +22,7 @@ from prefect.context import TaskRunContext
 
 from syncpoint.core.db import Database
 from syncpoint.core.errors import FatalApiError, ItemError, RetriableApiError
-from syncpoint.core.http import ApiClient
+from syncpoint.core.http import ApiClient, ClientThread
 from syncpoint.core.ledger import ErrorKind, ItemOutcome, Ledger, PendingItem
 from syncpoint.core.redact import redact
 from syncpoint.core.request_slots import RequestSlots
@@ -72,11 +72,16 @@ def batch_cache_key(_context: TaskRunContext, parameters: dict[str, Any]) -> str
     cache_expiration=FETCH_CACHE_TTL,
     persist_result=True,
 )
-async def fetch_batch(source: Source, batch: Batch, slots: RequestSlots) -> BatchOutcome:
+async def fetch_batch(
+    source: Source, batch: Batch, slots: RequestSlots, clients: ClientThread | None = None
+) -> BatchOutcome:
     """Fetch every item of a batch; each ends done or failed, none is left unaccounted.
 
     `slots` is the stage's gate (not part of the cache key): it bounds the requests in
     flight across this batch and the next, and a refused key closes it for both.
+    `clients` is the stage's open client (not part of the cache key either): the batch
+    runs on its loop and reuses its connections. Without it, the batch opens a client of
+    its own (pools, connections and SSL context for this batch alone).
     """
 
     async def one(
@@ -100,9 +105,17 @@ async def fetch_batch(source: Source, batch: Batch, slots: RequestSlots) -> Batc
                 slots.close(reason)
                 return [], ItemOutcome.failed(item, ErrorKind.TRANSIENT, reason)
 
-    async with source.client() as client:
+    async def every_item(
+        client: ApiClient,
+    ) -> tuple[list[tuple[list[dict[str, Any]], ItemOutcome]], int]:
         results = await asyncio.gather(*(one(client, p) for p in batch.items))
-        requests = client.requests_sent
+        return results, client.requests_sent
+
+    if clients is not None:
+        results, requests = await clients.run(every_item)
+    else:
+        async with source.client() as client:
+            results, requests = await every_item(client)
     rows = [row for item_rows, _ in results for row in item_rows]
     return BatchOutcome(batch, rows, [o for _, o in results], requests, slots.closed)
 

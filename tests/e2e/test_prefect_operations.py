@@ -20,7 +20,8 @@ from uuid import UUID
 import pytest
 import sqlalchemy as sa
 
-from syncpoint.engine.batch_map import FETCHES_IN_FLIGHT, UNMARKED_BATCHES_AT_MOST
+from syncpoint.engine.batch_map import fetches_in_flight, unmarked_batches_at_most
+from syncpoint.settings import CONCURRENCY
 from syncpoint.simulator import FaultKind, MarketSimulator
 from tests.e2e.harness import (
     CHROMIUM,
@@ -380,7 +381,7 @@ def test_a_crashed_run_retried_refetches_at_most_two_batches(
     refetched = {t for t, n in prices.items() if n > 1}
     assert not refetched & done_at_kill  # a ticker marked done is never fetched again
     # Only the batches a crash can find fetched-but-unmarked.
-    assert len(refetched) <= UNMARKED_BATCHES_AT_MOST * BATCH, sorted(refetched)
+    assert len(refetched) <= unmarked_batches_at_most(CONCURRENCY, BATCH) * BATCH, sorted(refetched)
     assert min(prices.values()) == 1
     assert set(requests_per_ticker(market, symbols, DCF).values()) == {1}
     status, summary = ledger.run(CRASHED_DATE)
@@ -474,9 +475,9 @@ def test_an_automatic_flow_retry_resumes(stack: Stack, market: MarketSimulator) 
 
     prices = requests_per_ticker(market, symbols, PRICES)
     # Only requests already in flight when the first 401 came back met the refusal: they
-    # belong to the batches being fetched then (two: the next one queues for the request
-    # slots from the start). Everything after those was fetched once.
-    in_flight = FETCHES_IN_FLIGHT * BATCH
+    # belong to the batches being fetched then (as many as fill the request slots, the
+    # next ones queued from the start). Everything after those was fetched once.
+    in_flight = fetches_in_flight(CONCURRENCY, BATCH) * BATCH
     assert all(n == 1 for n in list(prices.values())[in_flight:]), prices
     assert all(n <= 2 for n in prices.values()), prices
     assert set(requests_per_ticker(market, symbols, DCF).values()) == {1}

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from syncpoint.engine.batch_map import UNMARKED_BATCHES_AT_MOST
+from syncpoint.engine.batch_map import unmarked_batches_at_most
 from syncpoint.simulator import MarketSimulator, SimulatorConfig
 from tests.conftest import cli_env, run_cli, table_rows, tickers_file
 
@@ -166,7 +166,7 @@ def test_sigkill_mid_run_then_rerun_matches_an_uninterrupted_run(
         clean_db, "dcf_valuations", cols
     )
     # Work redone is bounded by the batches a kill can find fetched-but-unmarked.
-    assert killed_requests <= len(tickers) + UNMARKED_BATCHES_AT_MOST * batch
+    assert killed_requests <= len(tickers) + unmarked_batches_at_most(4, batch) * batch
 
 
 @pytest.mark.slow

@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from syncpoint.engine.batch_map import UNMARKED_BATCHES_AT_MOST
+from syncpoint.engine.batch_map import unmarked_batches_at_most
+from syncpoint.settings import CONCURRENCY
 from syncpoint.simulator import FaultKind, MarketSimulator, SimulatorConfig
 from tests.conftest import cli_env, run_cli
 from tests.reliability.test_interrupts import done_items, start
@@ -135,5 +136,6 @@ def test_resume_after_sigkill(prefect_api: str, tmp_path: Path) -> None:
         again = run_cli([*args, *RANGE], env, tmp_path)
         assert again.returncode == 0, again.stdout + again.stderr
         # At most the batches a kill can find fetched-but-unmarked are fetched again.
-        assert 60 <= sim.stats()["by_endpoint"][PRICES] <= 60 + UNMARKED_BATCHES_AT_MOST * 5
+        redo = unmarked_batches_at_most(CONCURRENCY, 5) * 5
+        assert 60 <= sim.stats()["by_endpoint"][PRICES] <= 60 + redo
         assert status(env, tmp_path)["progress"]["successful"] == 60

@@ -25,7 +25,8 @@ from typing import Any
 
 import pytest
 
-from syncpoint.engine.batch_map import UNMARKED_BATCHES_AT_MOST
+from syncpoint.engine.batch_map import unmarked_batches_at_most
+from syncpoint.settings import CONCURRENCY
 from syncpoint.simulator import MarketSimulator, SimulatorConfig
 from tests.conftest import cli_env, run_cli, table_rows, tickers_file
 
@@ -270,7 +271,8 @@ def test_repeated_sigkill_under_api_faults_converges_to_the_clean_result(
     # fetch cache often saves the batch that was being stored, so the real figure is lower.
     refetched = chaos_ok - items
     assert refetched >= 0
-    bound = KILLS * UNMARKED_BATCHES_AT_MOST * BATCH
+    in_flight = unmarked_batches_at_most(CONCURRENCY, BATCH)  # the default concurrency
+    bound = KILLS * in_flight * BATCH
     assert refetched <= bound, f"{refetched} items refetched, more than {bound}"
     for endpoint in DATA_ENDPOINTS:
         assert chaos_stats["by_endpoint"][endpoint] >= len(tickers)
@@ -289,7 +291,7 @@ def test_repeated_sigkill_under_api_faults_converges_to_the_clean_result(
         f"\n  chaos faults injected    {chaos_5xx + chaos_429}"
         f" ({chaos_5xx} x 5xx, {chaos_429} x 429) in {chaos_stats['requests']} requests"
         f"\n  items refetched          {refetched} (bound {bound} = {KILLS} kills x "
-        f"{UNMARKED_BATCHES_AT_MOST} batches x {BATCH})"
+        f"{in_flight} batches x {BATCH})"
         f"\n  rows compared            {len(chaos_prices)} stock_prices,"
         f" {len(chaos_dcf)} dcf_valuations: identical"
     )

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from syncpoint.engine.batch_map import UNMARKED_BATCHES_AT_MOST
+from syncpoint.engine.batch_map import unmarked_batches_at_most
 from syncpoint.simulator import MarketSimulator, SimulatorConfig
 from tests.conftest import cli_env, run_cli, tickers_file
 from tests.reliability.test_interrupts import start
@@ -83,6 +83,6 @@ def test_postgres_stopping_mid_run_then_rerun_completes(prefect_api: str, tmp_pa
             engine.dispose()
             # The outage cost at most the batches in flight, refetched once.
             fetched = sim.stats()["by_endpoint"]["historical-price-eod/full"]
-            assert fetched <= TICKERS + UNMARKED_BATCHES_AT_MOST * 10
+            assert fetched <= TICKERS + unmarked_batches_at_most(2, 10) * 10
     finally:
         server.cleanup()

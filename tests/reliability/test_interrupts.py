@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from syncpoint.engine.batch_map import UNMARKED_BATCHES_AT_MOST
+from syncpoint.engine.batch_map import unmarked_batches_at_most
 from syncpoint.simulator import MarketSimulator, SimulatorConfig
 from tests.conftest import cli_env, run_cli, tickers_file
 
@@ -163,4 +163,4 @@ def test_second_signal_exits_at_once_and_loses_only_the_batches_in_flight(
     rerun = run_cli(args, env, tmp_path)
     assert rerun.returncode == 0, rerun.stderr
     # Redone work is bounded by what was in flight: the fetches and the batch storing.
-    assert TICKERS <= price_requests(slow_market) <= TICKERS + UNMARKED_BATCHES_AT_MOST * 10
+    assert TICKERS <= price_requests(slow_market) <= TICKERS + unmarked_batches_at_most(2, 10) * 10

@@ -1,0 +1,142 @@
+"""ClientThread: one client for a stage, used from the event loops Prefect gives each task.
+
+Prefect runs every async task run with `asyncio.run` in a worker thread; the batches here
+do the same, so what the server sees (how many connections) is what a stage would cost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+
+from syncpoint.core.http import ApiClient, ClientThread
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self.ports: set[int] = set()  # one client port per TCP connection
+        self.requests = 0
+        self.lock = threading.Lock()
+        self.release = threading.Event()
+        self.release.set()
+        super().__init__(("127.0.0.1", 0), _Handler)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _Server
+
+    def do_GET(self) -> None:
+        with self.server.lock:
+            self.server.ports.add(self.client_address[1])
+            self.server.requests += 1
+        self.server.release.wait(10)
+        threading.Event().wait(self.server.delay)
+        body = json.dumps({"ok": True}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def server() -> Iterator[_Server]:
+    httpd = _Server(delay=0.01)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield httpd
+    finally:
+        httpd.release.set()
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def _url(server: _Server) -> str:
+    host, port = server.server_address[:2]
+    return f"http://{host!s}:{port}"
+
+
+def _batch(clients: ClientThread, items: int) -> int:
+    """One batch as Prefect runs an async task: a new loop in this thread."""
+
+    async def work(client: ApiClient) -> int:
+        await asyncio.gather(*(client.get_json("/x", {"i": str(i)}) for i in range(items)))
+        return client.requests_sent
+
+    async def task() -> int:
+        return await clients.run(work)
+
+    return asyncio.run(task())
+
+
+def test_batches_on_many_loops_reuse_one_set_of_connections(server: _Server) -> None:
+    concurrency, batches, items = 4, 12, 8
+    with (
+        ClientThread(ApiClient(_url(server), concurrency=concurrency)) as clients,
+        ThreadPoolExecutor(max_workers=3) as pool,
+    ):
+        counted = list(pool.map(lambda _: _batch(clients, items), range(batches)))
+    assert server.requests == batches * items
+    # A client per batch would connect at least once per batch: 12 or more connections.
+    assert len(server.ports) <= concurrency, sorted(server.ports)
+    # Each batch counts its own requests, though they share the pools.
+    assert counted == [items] * batches
+
+
+def test_closing_closes_the_pools_and_stops_the_thread(server: _Server) -> None:
+    client = ApiClient(_url(server), concurrency=2)
+    clients = ClientThread(client)
+    with clients:
+        assert _batch(clients, 2) == 2
+        loop_thread = clients._thread
+        assert loop_thread is not None
+        assert loop_thread.is_alive()
+    assert not loop_thread.is_alive()
+    with pytest.raises(RuntimeError, match="outside `with`"):
+        _batch(clients, 1)
+    with pytest.raises(RuntimeError, match="outside `async with`"):
+        asyncio.run(client.get_json("/x"))
+
+
+def test_cancelling_the_caller_cancels_the_work_on_the_client_loop(server: _Server) -> None:
+    server.release.clear()  # every answer waits until released
+    cancelled = threading.Event()
+
+    async def work(client: ApiClient) -> None:
+        try:
+            await client.get_json("/slow")
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    async def caller(clients: ClientThread) -> None:
+        task = asyncio.create_task(clients.run(work))
+        await asyncio.sleep(0.2)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    with ClientThread(ApiClient(_url(server), concurrency=1)) as clients:
+        asyncio.run(caller(clients))
+        assert cancelled.wait(5)
+        server.release.set()
+
+
+def test_share_needs_an_open_client() -> None:
+    with pytest.raises(RuntimeError, match="open client"):
+        ApiClient("http://127.0.0.1:9").share()
