@@ -185,10 +185,14 @@ def cmd_run_daily_sync(args: argparse.Namespace) -> int:
 
     day = settings.run_date(args.date)
     settings.positive("--max-items", args.max_items)
+    tickers_file = None
     if args.tickers_file:
-        from syncpoint.sources.universe import tickers_from_file
+        from syncpoint.sources.universe import allow_file, tickers_from_file
 
-        tickers_from_file(args.tickers_file)  # an unusable file is a usage error, now
+        # The user named this file on their own machine: the flow run this process starts
+        # may read it (a deployment run may read only SYNCPOINT_TICKERS_DIR's files).
+        tickers_file = str(allow_file(args.tickers_file))
+        tickers_from_file(tickers_file)  # an unusable file is a usage error, now
     parameters = {
         "batch_size": args.batch_size,
         "concurrency": args.concurrency,
@@ -201,7 +205,7 @@ def cmd_run_daily_sync(args: argparse.Namespace) -> int:
         {
             **parameters,
             "run_date": day.isoformat(),
-            "tickers_file": args.tickers_file,
+            "tickers_file": tickers_file,
             "ticker_source": args.ticker_source,
             "max_items": args.max_items,
             "fresh": args.fresh,

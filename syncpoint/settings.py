@@ -92,6 +92,9 @@ class Environment(BaseSettings):
     retry_cooldown_seconds: float | None = Field(
         default=None, ge=0, validation_alias=AliasChoices("SYNCPOINT_RETRY_COOLDOWN_SECONDS")
     )
+    # The worker's setting only, never a flow parameter: it bounds what the tickers_file
+    # parameter, which anyone starting a deployment run may set, can read.
+    tickers_dir: Path | None = _env("SYNCPOINT_TICKERS_DIR")
     flow_retries: int = Field(default=2, ge=0, validation_alias="SYNCPOINT_FLOW_RETRIES")
     flow_retry_delay_seconds: int = Field(
         default=300, ge=0, validation_alias="SYNCPOINT_FLOW_RETRY_DELAY_SECONDS"
@@ -153,6 +156,15 @@ def history_range(start: str | date | None, end: str | date | None) -> tuple[dat
     if first > last:
         raise ConfigError(f"start {first} is after end {last}")
     return first, last
+
+
+def tickers_dir(env: Environment | None = None) -> Path | None:
+    """The folder a flow run's `tickers_file` may read from (SYNCPOINT_TICKERS_DIR), or
+    None: then only the files the `syncpoint` command was given."""
+    folder = (env or environment()).tickers_dir
+    if folder is not None and not folder.is_dir():
+        raise ConfigError(f"SYNCPOINT_TICKERS_DIR: {folder} is not a directory")
+    return folder
 
 
 def _first(*values: Any) -> Any:

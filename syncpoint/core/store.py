@@ -2,18 +2,38 @@
 
 Upserts on natural keys make a replayed batch harmless: at-least-once delivery,
 exactly-once effect.
+
+A batch whose rows the database refuses for what they hold (a value out of range, a
+constraint), rather than for being unreachable, is stored again item by item: the items
+whose rows are refused fail with the driver's reason and the rest are stored. One bad
+row never costs its batch, and never leaves a fetched batch that fails the same way on
+every rerun. A table that refuses every item's rows is the table's problem, not the
+data's: that batch fails as a whole, as before.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import date, timedelta
 from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy import JSON, Connection, Table, func, select
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import (
+    DataError,
+    DBAPIError,
+    IntegrityError,
+    InterfaceError,
+    OperationalError,
+    StatementError,
+)
 
 from syncpoint.core.db import Database, storage_errors
+from syncpoint.core.errors import StorageError
+from syncpoint.core.ledger import ErrorKind, ItemOutcome
+from syncpoint.core.redact import redact
 from syncpoint.core.tables import dcf_valuations, dip_documents, stock_prices
 
 if TYPE_CHECKING:
@@ -97,6 +117,158 @@ def write_then_checkpoint(
     return written
 
 
+@dataclass(frozen=True)
+class ItemRows:
+    """Rows to store and the outcomes they settle: one item's, normally; several items'
+    when it is not known which rows are whose (a batch fetched by an older syncpoint)."""
+
+    rows: Sequence[dict[str, Any]]
+    outcomes: Sequence[ItemOutcome]
+
+
+Mark = Callable[[Connection, Sequence[ItemOutcome]], None]
+
+
+def write_items_then_checkpoint(
+    data: Database,
+    checkpoints: Database,
+    table: str,
+    units: Sequence[ItemRows],
+    mark: Mark,
+) -> tuple[int, list[ItemOutcome]]:
+    """Upsert every unit's rows, then `mark` every outcome, in write_then_checkpoint's
+    order; the rows written and the outcomes as marked.
+
+    If the data database refuses the rows for what they hold (refuses_rows), nothing of
+    the batch is kept and it is stored unit by unit, each unit's rows and marks in their
+    own transaction. A unit whose rows are refused is marked failed with the driver's
+    reason: for good if it is one item's, transiently (fetched again, alone) if it mixes
+    several items'. Every outcome gets its mark either way, and marks bump attempts,
+    which the fetch cache key holds: a refused batch is never served from the cache again.
+
+    Unless the database refuses every unit (two or more) alike: then the table refuses
+    the batch, not one item's data (a constraint or a column changed under the run), and
+    the batch fails as a whole, unmarked, as any refused write did before: once the table
+    is fixed, the rerun stores the batch fetched now instead of fetching it again.
+    """
+    outcomes = [o for unit in units for o in unit.outcomes]
+    try:
+        rows = [row for unit in units for row in unit.rows]
+        return _write_unit(data, checkpoints, table, rows, outcomes, mark), outcomes
+    except _Refused:
+        pass
+    written = 0
+    marked: dict[str, ItemOutcome] = {}
+    later: list[ItemOutcome] = []  # nothing of theirs to store: marked together at the end
+    refusals: list[BaseException] = []
+    for unit in units:
+        if not unit.rows:
+            later.extend(unit.outcomes)
+            continue
+        try:
+            written += _write_unit(data, checkpoints, table, unit.rows, unit.outcomes, mark)
+            marked.update((o.item, o) for o in unit.outcomes)
+        except _Refused as refused:
+            refusals.append(refused.cause)
+            later.extend(_refused(unit, refused.cause))
+    if len(refusals) > 1 and not marked:
+        raise StorageError(
+            f"database {data.describe()} refused every row of the batch "
+            f"({_reason(refusals[0])}). The batch was not stored; fix the cause and rerun "
+            "to continue."
+        )
+    if later:
+        with storage_errors(checkpoints.describe()), checkpoints.engine().begin() as conn:
+            mark(conn, later)
+        marked.update((o.item, o) for o in later)
+    return written, [marked[o.item] for o in outcomes]
+
+
+def refuses_rows(exc: BaseException) -> bool:
+    """True if `exc` is the database refusing particular rows (a value out of range, a
+    constraint, a value the driver cannot bind), not one that is down or broken: storing
+    the rows one item at a time then saves every other item's."""
+    if isinstance(exc, OperationalError | InterfaceError) or getattr(
+        exc, "connection_invalidated", False
+    ):
+        return False
+    if isinstance(exc, DataError | IntegrityError | OverflowError):
+        return True  # OverflowError: sqlite3 binding an int past 64 bits, unwrapped
+    # A StatementError that is not a driver's: a value SQLAlchemy could not bind.
+    return isinstance(exc, StatementError) and not isinstance(exc, DBAPIError)
+
+
+class _Refused(Exception):
+    """The rows were refused (refuses_rows); `cause` says why."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+@contextmanager
+def _refusals() -> Iterator[None]:
+    # Inside storage_errors: a refusal passes it as _Refused, anything else becomes the
+    # StorageError it always was.
+    try:
+        yield
+    except Exception as exc:
+        if refuses_rows(exc):
+            raise _Refused(exc) from exc
+        raise
+
+
+def _write_unit(
+    data: Database,
+    checkpoints: Database,
+    table: str,
+    rows: Sequence[dict[str, Any]],
+    outcomes: Sequence[ItemOutcome],
+    mark: Mark,
+) -> int:
+    """write_then_checkpoint for `rows` and their `outcomes`; _Refused if refused."""
+    same = data.same_as(checkpoints)
+    with storage_errors(data.describe()), _refusals(), data.engine().begin() as conn:
+        written = upsert(conn, table, rows)
+        if same:
+            mark(conn, outcomes)
+    if not same:
+        with storage_errors(checkpoints.describe()), checkpoints.engine().begin() as conn:
+            mark(conn, outcomes)
+    return written
+
+
+def _reason(cause: BaseException) -> str:
+    """The driver's one line: its exception's type and first line, redacted."""
+    driver = getattr(cause, "orig", None) or cause
+    lines = str(driver).strip().splitlines()
+    return redact(f"{type(driver).__name__}: {lines[0] if lines else ''}")
+
+
+def _refused(unit: ItemRows, cause: BaseException) -> list[ItemOutcome]:
+    """The unit's outcomes once the database refused its rows."""
+    why = _reason(cause)
+    if len(unit.outcomes) == 1:
+        (outcome,) = unit.outcomes
+        return [
+            ItemOutcome.failed(
+                outcome.item, ErrorKind.PERMANENT, f"the database refused its rows: {why}"
+            )
+        ]
+    # Several items' rows, mixed: whose were refused cannot be told, so each is fetched
+    # again on its own (an attempt more changes its cache key) rather than failed for good.
+    return [
+        o
+        if o.error_kind is not None
+        else ItemOutcome.failed(
+            o.item,
+            ErrorKind.TRANSIENT,
+            f"the database refused its batch's rows ({why}); fetched again on its own",
+        )
+        for o in unit.outcomes
+    ]
+
+
 def _copyable(table: Table) -> bool:
     # COPY's text format has no adapter for JSON documents; those go the INSERT way.
     return not any(isinstance(c.type, JSON) for c in table.columns)
@@ -117,7 +289,11 @@ def _copy_upsert(
     updates = ", ".join(f'"{c}" = EXCLUDED."{c}"' for c in columns if c not in keys)
     conflict = ", ".join(f'"{k}"' for k in keys)
     driver = conn.connection.driver_connection
-    with driver.cursor() as cur:  # type: ignore[union-attr]
+    dbapi = conn.dialect.loaded_dbapi
+    # The driver's own cursor raises the driver's errors, which SQLAlchemy has not seen:
+    # wrapped the way it wraps them, a refused row and a lost connection read the same
+    # here as on the INSERT path (storage_errors, refuses_rows).
+    with _wrapped_driver_errors(conn, dbapi), driver.cursor() as cur:  # type: ignore[union-attr]
         cur.execute(
             f'CREATE TEMP TABLE IF NOT EXISTS "{stage}" '
             f'(LIKE "{table.name}" INCLUDING DEFAULTS) ON COMMIT DROP'
@@ -130,6 +306,16 @@ def _copy_upsert(
             f'INSERT INTO "{table.name}" ({names}) SELECT {names} FROM "{stage}" '
             f"ON CONFLICT ({conflict}) DO UPDATE SET {updates}"
         )
+
+
+@contextmanager
+def _wrapped_driver_errors(conn: Connection, dbapi: Any) -> Iterator[None]:
+    try:
+        yield
+    except dbapi.Error as exc:
+        raise DBAPIError.instance(
+            "COPY upsert", None, exc, dbapi.Error, dialect=conn.dialect
+        ) from exc
 
 
 # A range counts as cached when the stored history reaches within this many days of both

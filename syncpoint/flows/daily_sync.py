@@ -7,6 +7,7 @@ same date continues where the last attempt stopped and never requests a done tic
 from __future__ import annotations
 
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, cast
 
 from prefect import get_run_logger
@@ -17,7 +18,7 @@ from syncpoint.engine.batch_map import StageRun
 from syncpoint.engine.job_run import JobRun
 from syncpoint.flows.job_flow import job_flow
 from syncpoint.sources.market import PricesSource, ValuationsSource
-from syncpoint.sources.universe import Universe
+from syncpoint.sources.universe import Universe, readable_tickers_file
 from syncpoint.tasks.universe import resolve_universe
 
 JOB = "daily-sync"
@@ -57,6 +58,12 @@ def daily_sync(
         database_block=database_block,
         checkpoint_block=checkpoint_block,
     )
+    # Whoever may start a deployment run sets tickers_file: it is refused here, before the
+    # run starts, unless the worker allows the file (resolve-universe checks it again
+    # where it reads it).
+    tickers_dir = settings.tickers_dir() if tickers_file else None
+    if tickers_file:
+        readable_tickers_file(tickers_file, tickers_dir)
 
     with config.api.session() as api:
         if config.api.builtin:
@@ -79,7 +86,9 @@ def daily_sync(
         ) as run:
             if run.already_complete:
                 return run.publish(run.summary())
-            run.stage("universe", lambda: _universe(run, ticker_source, tickers_file, api))
+            run.stage(
+                "universe", lambda: _universe(run, ticker_source, tickers_file, tickers_dir, api)
+            )
             tickers = lambda: run.items_done("universe")  # noqa: E731
             run.map_stage(
                 "prices",
@@ -99,11 +108,18 @@ def daily_sync(
 
 
 def _universe(
-    run: JobRun, ticker_source: str, tickers_file: str | None, api: Any
+    run: JobRun,
+    ticker_source: str,
+    tickers_file: str | None,
+    tickers_dir: Path | None,
+    api: Any,
 ) -> StageRun | None:
     if run.ledger.has_items(run.run_id, "universe"):
         return None  # resolved by an earlier attempt: never ask the API for it twice
-    universe = cast(Universe, resolve_universe.submit(ticker_source, tickers_file, api).result())
+    universe = cast(
+        Universe,
+        resolve_universe.submit(ticker_source, tickers_file, api, tickers_dir=tickers_dir).result(),
+    )
     for symbol, why in universe.rejected.items():
         run.logger.warning("skipping %r: %s", symbol, why)
     if universe.duplicates:

@@ -1,12 +1,15 @@
 """Fetching from the market API: one source object per dataset, payloads validated here.
 
 Anything malformed in a payload is an ItemError: that ticker fails permanently with
-the reason, the batch and the run go on.
+the reason, the batch and the run go on. Validation happens here, in the fetch step,
+because the fetch task's result is cached: a row that passes these checks must be one
+the database will take, or a poisoned answer would fail the same way on every rerun.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any, ClassVar
@@ -19,6 +22,14 @@ PRICES_PATH = "/stable/historical-price-eod/full"
 DCF_PATH = "/stable/discounted-cash-flow"
 SP500_PATH = "/stable/sp500-constituent"
 STOCK_LIST_PATH = "/stable/stock-list"
+
+# Any finite double fits a Float column, but a value near the top of the range turns into
+# inf under the first sum or difference a reader computes; no price comes anywhere near.
+FLOAT_LIMIT = 1e300
+# BigInteger is a signed 64-bit integer in SQLite and PostgreSQL alike.
+BIGINT_LIMIT = 2**63
+# A day, optionally with a time of day (FMP sends both); nothing before or after it.
+_DATE = re.compile(r"([0-9]{4}-[0-9]{2}-[0-9]{2})(?:[T ][0-9]{2}:[0-9]{2}:[0-9]{2})?")
 
 
 @dataclass(frozen=True)
@@ -45,7 +56,7 @@ class PricesSource:
             PRICES_PATH,
             {"symbol": ticker, "from": self.start.isoformat(), "to": self.end.isoformat()},
         )
-        return parse_prices(ticker, payload)
+        return parse_prices(ticker, payload, start=self.start, end=self.end)
 
 
 @dataclass(frozen=True)
@@ -82,24 +93,34 @@ async def fetch_symbols(api: MarketApi, source: str) -> tuple[list[str], int]:
     return [str(_field(row, "symbol", path)) for row in rows], client.requests_sent
 
 
-def parse_prices(ticker: str, payload: Any) -> list[dict[str, Any]]:
+def parse_prices(
+    ticker: str, payload: Any, *, start: date | None = None, end: date | None = None
+) -> list[dict[str, Any]]:
+    """One row per bar; ItemError for anything stock_prices would not take as it is.
+
+    A bar dated outside [start, end] is an error, not dropped: an answer that ignores
+    the window asked for is not trusted for the days inside it either. Two bars for one
+    day are kept once if they agree and refused if they differ: which one is right
+    cannot be told from here.
+    """
     records = _records(payload, ticker)
     if not records:
         # A known symbol with no bars at all in the window: say so rather than call it done.
         raise ItemError(f"{ticker}: the API has no prices in the requested window")
-    rows = []
+    rows: dict[date, dict[str, Any]] = {}
     for raw in records:
         day = _day(_field(raw, "date", ticker), ticker)
+        if (start is not None and day < start) or (end is not None and day > end):
+            raise ItemError(f"{ticker}: a bar dated {day} is outside the requested {start}..{end}")
         bar = {k: _number(raw, k, ticker) for k in ("open", "high", "low", "close")}
         if any(v <= 0 for v in bar.values()):
             raise ItemError(f"{ticker}: non-positive price on {day}")
         if bar["high"] < bar["low"]:
             raise ItemError(f"{ticker}: high below low on {day}")
-        volume = _number(raw, "volume", ticker)
-        if volume < 0:
-            raise ItemError(f"{ticker}: negative volume on {day}")
-        rows.append({"ticker": ticker, "date": day, **bar, "volume": int(volume)})
-    return rows
+        row = {"ticker": ticker, "date": day, **bar, "volume": _volume(raw, ticker, day)}
+        if rows.setdefault(day, row) != row:
+            raise ItemError(f"{ticker}: two different bars for {day}")
+    return list(rows.values())
 
 
 def parse_valuation(ticker: str, payload: Any) -> dict[str, Any]:
@@ -133,16 +154,69 @@ def _field(raw: dict[str, Any], name: str, what: str) -> Any:
 
 
 def _number(raw: dict[str, Any], name: str, what: str) -> float:
+    """A finite float a Float column stores and arithmetic on it keeps finite."""
     value = _field(raw, name, what)
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ItemError(f"{what}: {name} is not a number ({value!r:.40})")
-    if not math.isfinite(value):
+        raise ItemError(f"{what}: {name} is not a number ({_shown(value)})")
+    if isinstance(value, float) and not math.isfinite(value):
         raise ItemError(f"{what}: {name} is {value}")
+    # Compared before float(): an int compares with a float exactly, while float() of
+    # one past the double range raises OverflowError.
+    if not -FLOAT_LIMIT < value < FLOAT_LIMIT:
+        raise ItemError(
+            f"{what}: {name} is out of range: {_shown(value)} (at most {FLOAT_LIMIT:g} in size)"
+        )
     return float(value)
 
 
+def _volume(raw: dict[str, Any], what: str, day: date) -> int:
+    """A whole number of shares a BigInteger column stores: 0 <= volume < 2**63.
+
+    A fractional volume is refused rather than truncated: the API meant something else.
+    """
+    value = _field(raw, "volume", what)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ItemError(f"{what}: volume is not a number ({_shown(value)})")
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ItemError(f"{what}: volume is {value}")
+        if not value.is_integer():
+            raise ItemError(f"{what}: volume is not a whole number on {day}: {_shown(value)}")
+    if value < 0:
+        raise ItemError(f"{what}: negative volume on {day}")
+    if value >= BIGINT_LIMIT:
+        raise ItemError(
+            f"{what}: volume is out of range on {day}: {_shown(value)} (at most 2**63-1)"
+        )
+    return int(value)
+
+
 def _day(value: Any, what: str) -> date:
+    """A calendar day from a `YYYY-MM-DD` string (a time of day may follow); an integer
+    or a date with anything else around it is not one."""
+    match = _DATE.fullmatch(value) if isinstance(value, str) else None
     try:
-        return date.fromisoformat(str(value)[:10])
+        if match is not None:
+            return date.fromisoformat(match.group(1))
     except ValueError:
-        raise ItemError(f"{what}: bad date {value!r:.40}") from None
+        pass
+    raise ItemError(f"{what}: bad date {_shown(value)}")
+
+
+def _shown(value: Any) -> str:
+    """A payload value as a reason quotes it: short, never a huge number in full."""
+    if isinstance(value, bool) or value is None or isinstance(value, float):
+        return repr(value)
+    if isinstance(value, int):
+        if -(10**21) < value < 10**21:
+            return str(value)
+        # str() of an int costs time quadratic in its length (and refuses past 4300
+        # digits): count the digits from its bit length beyond that.
+        bits = abs(value).bit_length()
+        digits = len(str(abs(value))) if bits < 10_000 else int(bits * math.log10(2)) + 1
+        return f"a {digits}-digit integer"
+    if isinstance(value, str):
+        return repr(value[:40])[:40]
+    if isinstance(value, dict | list):
+        return f"a JSON {'object' if isinstance(value, dict) else 'array'}"
+    return type(value).__name__

@@ -4,6 +4,10 @@ The fetch task is cached on (source, run, stage, items with their attempt counts
 retry after a failed store step reuses the fetched batch instead of spending quota on it
 again. Every item of a stored batch gets a mark (its attempts go up), so a batch whose
 store committed can never hit a stale cache entry again.
+
+Nothing one item does fails its batch: an answer the source's parser refuses, and any
+exception nobody foresaw, fail that item with the reason; rows the database refuses fail
+their item at store time (write_items_then_checkpoint), and the rest are stored.
 """
 
 from __future__ import annotations
@@ -16,17 +20,17 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 
 from syncpoint.core.db import Database
-from syncpoint.core.errors import FatalApiError, ItemError, RetriableApiError
+from syncpoint.core.errors import ConfigError, FatalApiError, ItemError, RetriableApiError
 from syncpoint.core.http import ApiClient, ClientThread
 from syncpoint.core.ledger import ErrorKind, ItemOutcome, Ledger, PendingItem
 from syncpoint.core.redact import redact
 from syncpoint.core.request_slots import RequestSlots
-from syncpoint.core.store import write_then_checkpoint
+from syncpoint.core.store import ItemRows, write_items_then_checkpoint
 from syncpoint.sources.source import Source
 
 FETCH_CACHE_TTL = timedelta(days=3)
@@ -47,9 +51,23 @@ class BatchOutcome:
     outcomes: list[ItemOutcome]
     requests: int = 0
     fatal: str | None = None
+    # How many of `rows`, in order, belong to each outcome's item, so a batch the database
+    # refuses can be stored item by item. None in a batch cached by an older syncpoint
+    # (unpickled without it, it reads this class default).
+    row_counts: list[int] | None = None
 
     def count(self, predicate: Callable[[ItemOutcome], bool]) -> int:
         return sum(1 for o in self.outcomes if predicate(o))
+
+    def units(self) -> list[ItemRows]:
+        """The rows by the item they belong to, as store_batch writes them."""
+        if self.row_counts is None:
+            return [ItemRows(self.rows, self.outcomes)]
+        units, start = [], 0
+        for outcome, count in zip(self.outcomes, self.row_counts, strict=True):
+            units.append(ItemRows(self.rows[start : start + count], [outcome]))
+            start += count
+        return units
 
 
 def batch_cache_key(_context: TaskRunContext, parameters: dict[str, Any]) -> str:
@@ -104,6 +122,14 @@ async def fetch_batch(
                 reason = redact(str(exc))
                 slots.close(reason)
                 return [], ItemOutcome.failed(item, ErrorKind.TRANSIENT, reason)
+            except ConfigError:
+                raise  # the API's URL itself is unusable: every item would fail alike
+            except Exception as exc:
+                # A bug, or an answer nothing above foresaw: it costs this item, not the
+                # batch or the run. Permanent: the same answer would fail the same way.
+                reason = unexpected(exc)
+                get_run_logger().warning("%s: %s", item, reason)
+                return [], ItemOutcome.failed(item, ErrorKind.PERMANENT, reason)
 
     async def every_item(
         client: ApiClient,
@@ -117,7 +143,20 @@ async def fetch_batch(
         async with source.client() as client:
             results, requests = await every_item(client)
     rows = [row for item_rows, _ in results for row in item_rows]
-    return BatchOutcome(batch, rows, [o for _, o in results], requests, slots.closed)
+    return BatchOutcome(
+        batch,
+        rows,
+        [o for _, o in results],
+        requests,
+        slots.closed,
+        row_counts=[len(item_rows) for item_rows, _ in results],
+    )
+
+
+def unexpected(exc: BaseException) -> str:
+    """An unforeseen exception as an item's reason: its type and first line, redacted."""
+    lines = str(exc).strip().splitlines()
+    return redact(f"unexpected error: {type(exc).__name__}: {lines[0] if lines else ''}")[:300]
 
 
 @task(
@@ -128,13 +167,18 @@ async def fetch_batch(
     retry_delay_seconds=[1, 5],
 )
 def store_batch(data: Database, checkpoints: Database, table: str, outcome: BatchOutcome) -> int:
-    """Upsert the batch's rows, then mark its items: data first, marks after."""
+    """Upsert the batch's rows, then mark its items: data first, marks after. Items
+    whose rows the database refuses are marked failed with its reason instead."""
     ledger = Ledger(checkpoints.engine())
     batch = outcome.batch
-    return write_then_checkpoint(
+    written, marked = write_items_then_checkpoint(
         data,
         checkpoints,
         table,
-        outcome.rows,
-        lambda conn: ledger.mark(conn, batch.run_id, batch.stage, outcome.outcomes, batch.number),
+        outcome.units(),
+        lambda conn, outcomes: ledger.mark(conn, batch.run_id, batch.stage, outcomes, batch.number),
     )
+    for before, after in zip(outcome.outcomes, marked, strict=True):
+        if after != before:
+            get_run_logger().warning("%s: %s", after.item, after.error)
+    return written

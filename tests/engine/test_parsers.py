@@ -185,26 +185,38 @@ def test_check_symbol_accepts_real_tickers(symbol: str) -> None:
     ("content", "expected"),
     [
         pytest.param(
-            "# S&P sample\nAAPL\n\n msft \nBRK.B\n", ["AAPL", "msft", "BRK.B"], id="one-per-line"
+            "# S&P sample\nAAPL\n\n msft \nBRK.B\n",
+            [(2, "AAPL"), (4, "msft"), (5, "BRK.B")],
+            id="one-per-line",
         ),
         pytest.param(
-            "symbol,name\nAAPL,Apple\nMSFT,Microsoft\n", ["AAPL", "MSFT"], id="csv-symbol"
+            "symbol,name\nAAPL,Apple\nMSFT,Microsoft\n",
+            [(2, "AAPL"), (3, "MSFT")],
+            id="csv-symbol",
         ),
-        pytest.param("Name,Ticker\nApple, AAPL\nNobody,\n", ["AAPL", ""], id="csv-ticker"),
-        pytest.param("\ufeffsymbol\nAAPL\n", ["AAPL"], id="bom-and-header"),
+        pytest.param(
+            "Name,Ticker\nApple, AAPL\nNobody,\nShort\n",
+            [(2, "AAPL"), (3, ""), (4, "")],
+            id="csv-ticker",
+        ),
+        pytest.param("\ufeffsymbol\nAAPL\n", [(2, "AAPL")], id="bom-and-header"),
+        pytest.param("AAPL\r\nMSFT\rIBM\n", [(1, "AAPL"), (2, "MSFT"), (3, "IBM")], id="crlf-cr"),
+        pytest.param(
+            "AAPL\fMSFT\nIBM\n", [(1, "AAPL\fMSFT"), (2, "IBM")], id="form-feed-is-no-line-end"
+        ),
     ],
 )
-def test_read_tickers_file(tmp_path: Path, content: str, expected: list[str]) -> None:
+def test_read_tickers_file(tmp_path: Path, content: str, expected: list[tuple[int, str]]) -> None:
     assert read_tickers_file(written(tmp_path, content)) == expected
 
 
-def test_tickers_from_file_validates_what_it_reads(tmp_path: Path) -> None:
-    universe = tickers_from_file(written(tmp_path, "aapl\nAAPL\n../etc\n"))
+def test_tickers_from_file_reports_rejected_lines_by_number_not_text(tmp_path: Path) -> None:
+    universe = tickers_from_file(written(tmp_path, "aapl\nAAPL\n\n../etc\nDB_PASSWORD=hunter2\n"))
 
-    assert (universe.tickers, universe.duplicates, list(universe.rejected)) == (
+    assert (universe.tickers, universe.duplicates, universe.rejected) == (
         ["AAPL"],
         1,
-        ["../ETC"],
+        {"line 4": SUFFIX_RULE, "line 5": "malformed symbol: 19 characters (at most 16)"},
     )
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from syncpoint.core.errors import ConfigError
 from syncpoint.simulator import MarketSimulator, SimulatorConfig
 from tests.conftest import cli_env, run_cli, table_rows, tickers_file
 
@@ -260,20 +261,24 @@ def test_duplicates_are_ignored_and_counted_once(
     assert len(table_rows(url, "dcf_valuations")) == len(tickers)
 
 
+SUFFIX_RULE = "malformed symbol: only A-Z, 0-9 and one '.' or '-' class suffix are allowed"
+# A malformed symbol -> the reason it is skipped for. It is reported by its line number,
+# never by its text: a rejected line is exactly the one that may hold something private.
 MALFORMED = {
-    "../x": "../X",
-    "A'; DROP TABLE t": "A'; DROP TABLE T",
-    "Q" * 2000: "Q" * 40 + "...",
-    "ÄPFEL": "ÄPFEL",
-    "A\u200bB": "A\u200bB",
+    "../x": SUFFIX_RULE,
+    "A'; DROP TABLE t": SUFFIX_RULE,
+    "Q" * 2000: "malformed symbol: 2000 characters (at most 16)",
+    "ÄPFEL": "malformed symbol: non-ASCII characters",
+    "A\u200bB": "malformed symbol: non-ASCII characters",
 }
 
 
-def test_malformed_symbols_are_skipped_with_a_reason_and_good_ones_sync(
+def test_malformed_symbols_are_skipped_by_line_number_and_good_ones_sync(
     database_url: str, env: dict[str, str], sim: MarketSimulator, tmp_path: Path
 ) -> None:
     tickers = good(sim, 660)
-    lines = [tickers[0], *list(MALFORMED)[:3], *tickers[1:3], *list(MALFORMED)[3:], tickers[3]]
+    malformed = list(MALFORMED)
+    lines = [tickers[0], *malformed[:3], *tickers[1:3], *malformed[3:], tickers[3]]
     sim.reset_stats()
     result = run_cli(
         run_args(tickers_file(tmp_path, lines)),
@@ -295,23 +300,22 @@ def test_malformed_symbols_are_skipped_with_a_reason_and_good_ones_sync(
         "retrying": 0,
         "untouched": 0,
     }
+    expected = {f"line {lines.index(m) + 1}": why for m, why in MALFORMED.items()}
+    assert expected.keys() == {"line 2", "line 3", "line 4", "line 7", "line 8"}
     failures = {f["item"]: f for f in run["failures"]}
-    assert set(failures) == set(MALFORMED.values())
-    for shown, failure in failures.items():
-        assert failure["stage"] == "universe"
-        assert failure["error_kind"] == "permanent"
-        assert failure["error"].startswith("malformed symbol"), failure
-        # Printed escaped when it would not read as itself on a terminal (zero-width space).
-        printed = shown if shown.isascii() and shown.isprintable() else ascii(shown)
-        assert f"universe/{printed}: permanent" in result.stdout
-    assert "2000 characters" in failures["Q" * 40 + "..."]["error"]
-    assert "non-ASCII" in failures["ÄPFEL"]["error"]
+    assert {item: f["error"] for item, f in failures.items()} == expected
+    for item, failure in failures.items():
+        assert (failure["stage"], failure["error_kind"]) == ("universe", "permanent")
+        assert f"universe/{item}: permanent" in result.stdout
     # Tables intact: every table is there, the data is exactly the good tickers'.
     dump = url_dump(database_url)
     assert set(dump) >= TABLES
     assert {r[0] for r in dump["stock_prices"]} == set(tickers)
     assert {r[0] for r in dump["dcf_valuations"]} == set(tickers)
-    assert all(len(str(r[2])) <= 43 for r in dump["sync_items"])
+    # The rejected text itself is nowhere: not printed, not in any row.
+    shown = result.stdout + result.stderr + repr(dump)
+    for text in ("../x", "../X", "DROP TABLE", "QQQQQQQQ", "ÄPFEL", "\u200b", "\\u200b"):
+        assert text not in shown, text
 
 
 @pytest.mark.parametrize(
@@ -338,3 +342,125 @@ def test_csv_with_a_symbol_or_ticker_column(
     (run,) = status(env, tmp_path)
     assert run["stages"]["universe"]["total"] == len(tickers)
     assert run["failures"] == []
+
+
+# --- the tickers_file parameter of a flow run not started by the CLI ----------------------
+#
+# Anyone who may start a deployment run sets its parameters; the worker reads files on
+# its own machine. A flow run reads a tickers file only from SYNCPOINT_TICKERS_DIR
+# (resolved: symlinks and `..` cannot leave it), or one the `syncpoint` command was given.
+# The flow is called in-process here, as a worker calls it: not through the CLI.
+
+
+@pytest.fixture
+def flow_env(
+    monkeypatch: pytest.MonkeyPatch, sim: MarketSimulator, prefect_api: str, tmp_path: Path
+) -> Iterator[Path]:
+    """The worker's environment for an in-process flow run; its database file."""
+    db = tmp_path / "worker.db"
+    monkeypatch.setenv("MARKET_API_URL", sim.base_url)
+    monkeypatch.setenv("SYNCPOINT_DATABASE_URL", f"sqlite:///{db}")
+    monkeypatch.delenv("SYNCPOINT_TICKERS_DIR", raising=False)
+    sim.reset_stats()
+    yield db
+    from syncpoint.core.db import dispose_engines
+
+    dispose_engines()
+
+
+SECRET_LINE = "pw-4f1e9c22b7a0-never-shown"
+
+
+def secret_folders(tmp_path: Path, sim: MarketSimulator) -> tuple[Path, Path]:
+    """An allowed folder with a tickers file, and a folder beside it with a `.env`."""
+    allowed, private = tmp_path / "tickers", tmp_path / "private"
+    allowed.mkdir()
+    private.mkdir()
+    (allowed / "nightly.txt").write_text("\n".join(good(sim, 700)) + "\n")
+    (private / ".env").write_text(f"DB_PASSWORD={SECRET_LINE}\n")
+    (allowed / "linked.txt").symlink_to(private / ".env")
+    return allowed, private
+
+
+@pytest.mark.parametrize(
+    ("tickers_dir", "path", "message"),
+    [
+        pytest.param(
+            None,
+            "{private}/.env",
+            "is refused: a flow run reads tickers files only from SYNCPOINT_TICKERS_DIR, "
+            "which is not set where it runs",
+            id="no-allowed-folder",
+        ),
+        pytest.param(
+            "{allowed}",
+            "{private}/.env",
+            "is refused: it is not inside SYNCPOINT_TICKERS_DIR",
+            id="absolute-path-outside",
+        ),
+        pytest.param(
+            "{allowed}",
+            "../private/.env",
+            "is refused: it is not inside SYNCPOINT_TICKERS_DIR",
+            id="dot-dot-out",
+        ),
+        pytest.param(
+            "{allowed}",
+            "linked.txt",
+            "is refused: it is not inside SYNCPOINT_TICKERS_DIR",
+            id="symlink-out",
+        ),
+    ],
+)
+def test_a_flow_run_refuses_a_tickers_file_outside_the_allowed_folder(
+    flow_env: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    sim: MarketSimulator,
+    tmp_path: Path,
+    tickers_dir: str | None,
+    path: str,
+    message: str,
+) -> None:
+    from syncpoint.flows.daily_sync import daily_sync
+
+    allowed, private = secret_folders(tmp_path, sim)
+    if tickers_dir is not None:
+        monkeypatch.setenv("SYNCPOINT_TICKERS_DIR", tickers_dir.format(allowed=allowed))
+    given = path.format(private=private)
+
+    state = daily_sync(run_date=DAY, tickers_file=given, return_state=True)
+
+    assert state.is_failed()
+    error = state.result(raise_on_failure=False)
+    assert isinstance(error, ConfigError)
+    assert str(error).startswith(f"tickers_file {given!r} {message}"), str(error)
+    assert SECRET_LINE not in str(error)
+    # Refused before the run started: no request, no checkpoint.
+    assert sim.stats()["requests"] == 0
+    assert not flow_env.exists() or sqlite_dump(flow_env).get("sync_runs", []) == []
+
+
+def test_a_flow_run_reads_the_allowed_folder_and_reports_rejected_lines_by_number(
+    flow_env: Path, monkeypatch: pytest.MonkeyPatch, sim: MarketSimulator, tmp_path: Path
+) -> None:
+    from syncpoint.flows.daily_sync import daily_sync
+
+    allowed, _ = secret_folders(tmp_path, sim)
+    tickers = good(sim, 700)
+    lines = [tickers[0], f"DB_PASSWORD={SECRET_LINE}", *tickers[1:], "# fine", "../x"]
+    (allowed / "nightly.txt").write_text("\n".join(lines) + "\n")
+    monkeypatch.setenv("SYNCPOINT_TICKERS_DIR", str(allowed))
+
+    summary = daily_sync(run_date=DAY, tickers_file="nightly.txt")
+
+    assert summary["status"] == "completed"
+    failures = {f["item"]: f["error"] for f in summary["failures"]}
+    assert failures == {
+        "line 2": f"malformed symbol: {len(lines[1])} characters (at most 16)",
+        "line 7": SUFFIX_RULE,
+    }
+    assert {r[0] for r in table_rows(f"sqlite:///{flow_env}", "dcf_valuations")} == set(tickers)
+    dump = repr(sqlite_dump(flow_env))
+    assert SECRET_LINE.upper() not in dump
+    assert "DB_PASSWORD" not in dump
+    assert "DB_PASSWORD" not in repr(summary)

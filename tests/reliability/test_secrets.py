@@ -360,3 +360,47 @@ def test_database_password_is_never_shown(
     assert_nowhere(
         DB_PASSWORD, evidence, tmp_path, prefect_server_db(), Path(os.environ["PREFECT_HOME"])
     )
+
+
+# --- a tickers file that is not one ------------------------------------------------------
+
+ENV_SECRET = "env-s3cret-7d1c0a9e55b2"
+
+
+def test_a_rejected_tickers_file_line_is_never_echoed(prefect_api: str, tmp_path: Path) -> None:
+    """`--tickers-file .env` by mistake: each line is rejected as a symbol, and reported
+    by its number only; neither the line nor its upper-cased form is shown or stored."""
+    since = datetime.now(UTC)
+    evidence = Evidence()
+    private, workdir = tmp_path / "private", tmp_path / "work"
+    private.mkdir()
+    workdir.mkdir()
+    with MarketSimulator(SimulatorConfig()) as sim:
+        universe = list(sim.data.symbols[760:763])
+        file = private / ".env"
+        lines = [universe[0], f"DB_PASSWORD={ENV_SECRET}", *universe[1:], f"TOKEN:{ENV_SECRET}"]
+        file.write_text("\n".join(lines) + "\n")
+        env = cli_env(prefect_api, MARKET_API_URL=sim.base_url, **VERBOSE)
+        run = run_cli(
+            ["run", "daily-sync", "--date", DAY, "--tickers-file", str(file)], env, workdir
+        )
+        assert run.returncode == 0, run.stdout + run.stderr
+        evidence.add("run", run)
+
+    assert "universe/line 2: permanent" in run.stdout
+    assert "universe/line 5: permanent" in run.stdout
+    for where, cli_args in {
+        "status --json": ["status", "--json", "--failures", "100"],
+        "checkpoints show": ["checkpoints", "show", "daily-sync", "--date", DAY],
+    }.items():
+        result = run_cli(cli_args, env, workdir)
+        assert result.returncode == 0, result.stderr
+        evidence.add(where, result)
+    evidence.texts["database rows"] = sqlite_rows_text(workdir / "syncpoint.db")
+    assert "'line 2'" in evidence.texts["database rows"]
+    records = prefect_records(since, expect=["skipping 'line 5'"])
+    assert "skipping 'line 2'" in records["logs"]
+    evidence.texts.update({f"prefect {k}": v for k, v in records.items()})
+    roots = (workdir, prefect_server_db(), Path(os.environ["PREFECT_HOME"]))
+    for secret in (ENV_SECRET, ENV_SECRET.upper()):
+        assert_nowhere(secret, evidence, *roots)
