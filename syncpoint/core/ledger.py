@@ -12,7 +12,7 @@ import os
 import socket
 import threading
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -39,6 +39,11 @@ CHECKPOINT_VERSION = 1
 # A running run whose heartbeat is older than this is presumed dead and taken over.
 STALE_AFTER_SECONDS = 120.0
 _INSERT_CHUNK = 1000
+# Items per statement when registering a universe: an IN list of this many stays well
+# inside every driver's parameter limit (SQLite's is 32,766).
+_CHUNK = 1000
+# Pending items read per query when planning a stage's batches.
+PENDING_PAGE = 5000
 
 
 class RunStatus(StrEnum):
@@ -209,6 +214,17 @@ class ItemFailure:
     attempts: int
     error: str
     batch_no: int | None
+
+
+def _chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:
+    chunk: list[str] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 def _now() -> datetime:
@@ -479,23 +495,42 @@ class Ledger:
     # --- items ------------------------------------------------------------------------
 
     def add_items(self, run_id: str, stage: str, items: Iterable[str]) -> int:
-        """Register a stage's universe as pending rows; items already there are kept."""
+        """Register a stage's universe as pending rows; items already there are kept.
+
+        In chunks, in one transaction: each chunk asks only which of its own items are
+        known (a primary-key lookup each), so memory follows the chunk, not the stage,
+        however many items it has; a crash mid-way registers nothing.
+        """
+        added = 0
         with self.engine.begin() as conn:
-            known = set(
-                conn.scalars(
-                    select(sync_items.c.item).where(
-                        sync_items.c.run_id == run_id, sync_items.c.stage == stage
+            for chunk in _chunks(items, _CHUNK):
+                # A duplicate in a later chunk is found by that chunk's lookup (this
+                # transaction inserted it); within a chunk it is dropped here.
+                chunk = list(dict.fromkeys(chunk))
+                known = set(
+                    conn.scalars(
+                        select(sync_items.c.item).where(
+                            sync_items.c.run_id == run_id,
+                            sync_items.c.stage == stage,
+                            sync_items.c.item.in_(chunk),
+                        )
                     )
                 )
-            )
-            rows = [
-                {"run_id": run_id, "stage": stage, "item": item, "status": "pending", "attempts": 0}
-                for item in dict.fromkeys(items)
-                if item not in known
-            ]
-            for start in range(0, len(rows), _INSERT_CHUNK):
-                conn.execute(insert(sync_items), rows[start : start + _INSERT_CHUNK])
-        return len(rows)
+                rows = [
+                    {
+                        "run_id": run_id,
+                        "stage": stage,
+                        "item": item,
+                        "status": "pending",
+                        "attempts": 0,
+                    }
+                    for item in chunk
+                    if item not in known
+                ]
+                if rows:
+                    conn.execute(insert(sync_items), rows)
+                added += len(rows)
+        return added
 
     def has_items(self, run_id: str, stage: str) -> bool:
         with self.engine.connect() as conn:
@@ -557,9 +592,25 @@ class Ledger:
         return sorted(items)
 
     def pending(self, run_id: str, stage: str) -> list[PendingItem]:
-        """Universe - done - permanently failed, in a stable order."""
-        with self.engine.connect() as conn:
-            rows = conn.execute(
+        """Universe - done - permanently failed, in a stable order (all of it: for a large
+        stage, read pending_pages instead)."""
+        return [p for page in self.pending_pages(run_id, stage) for p in page]
+
+    def pending_pages(
+        self, run_id: str, stage: str, page_size: int = PENDING_PAGE
+    ) -> Iterator[list[PendingItem]]:
+        """The pending items in pages of `page_size`, in item order, read as they are
+        consumed: memory holds a page, not the stage.
+
+        Keyset pagination (`item > last item seen`, on the primary key): each page costs
+        the same at any depth, and items marked while the pages are read (the batches
+        this plan feeds) can neither shift a page nor come round twice.
+        """
+        if page_size < 1:
+            raise ValueError("page_size must be at least 1")
+        after: str | None = None
+        while True:
+            query = (
                 select(sync_items.c.item, sync_items.c.attempts)
                 .where(
                     sync_items.c.run_id == run_id,
@@ -568,8 +619,32 @@ class Ledger:
                     | (sync_items.c.error_kind == ErrorKind.TRANSIENT.value),
                 )
                 .order_by(sync_items.c.item)
-            ).all()
-        return [PendingItem(r.item, r.attempts) for r in rows]
+                .limit(page_size)
+            )
+            if after is not None:
+                query = query.where(sync_items.c.item > after)
+            with self.engine.connect() as conn:
+                page = [PendingItem(r.item, r.attempts) for r in conn.execute(query)]
+            if not page:
+                return
+            yield page
+            if len(page) < page_size:
+                return
+            after = page[-1].item
+
+    def count_pending(self, run_id: str, stage: str) -> int:
+        """How many items pending_pages would yield now (one indexed count)."""
+        with self.engine.connect() as conn:
+            return int(
+                conn.execute(
+                    select(func.count()).where(
+                        sync_items.c.run_id == run_id,
+                        sync_items.c.stage == stage,
+                        (sync_items.c.status == ItemStatus.PENDING.value)
+                        | (sync_items.c.error_kind == ErrorKind.TRANSIENT.value),
+                    )
+                ).scalar_one()
+            )
 
     def mark(
         self,
@@ -621,18 +696,22 @@ class Ledger:
             .values(heartbeat_at=now, updated_at=now)
         )
 
-    def counts(self, run_id: str) -> dict[str, StageCounts]:
+    def counts(self, run_id: str, stage: str | None = None) -> dict[str, StageCounts]:
+        """Items per stage by state; only `stage`'s when given (one stage's rows read)."""
+        query = (
+            select(
+                sync_items.c.stage,
+                sync_items.c.status,
+                sync_items.c.error_kind,
+                func.count().label("n"),
+            )
+            .where(sync_items.c.run_id == run_id)
+            .group_by(sync_items.c.stage, sync_items.c.status, sync_items.c.error_kind)
+        )
+        if stage is not None:
+            query = query.where(sync_items.c.stage == stage)
         with self.engine.connect() as conn:
-            rows = conn.execute(
-                select(
-                    sync_items.c.stage,
-                    sync_items.c.status,
-                    sync_items.c.error_kind,
-                    func.count().label("n"),
-                )
-                .where(sync_items.c.run_id == run_id)
-                .group_by(sync_items.c.stage, sync_items.c.status, sync_items.c.error_kind)
-            ).all()
+            rows = conn.execute(query).all()
         tally: dict[str, dict[str, int]] = {}
         for stage, status, kind, n in rows:
             t = tally.setdefault(stage, {"done": 0, "failed": 0, "retrying": 0, "untouched": 0})

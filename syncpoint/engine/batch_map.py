@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -136,17 +136,73 @@ def plan_batches(
     `batch_size` (the last one may be shorter), numbered from `first_number` on: one more
     than the run's last batch number, so numbers continue across invocations.
     """
-    planned = list(pending)
-    if only is not None:
-        planned = [p for p in planned if p.item in only]
-    if max_batches is not None:
-        planned = planned[: max_batches * batch_size]
+    return list(
+        iter_batches(
+            [pending],
+            run_id=run_id,
+            stage=stage,
+            batch_size=batch_size,
+            first_number=first_number,
+            max_items=max_items,
+            max_batches=max_batches,
+            only=only,
+        )
+    )
+
+
+def iter_batches(
+    pages: Iterable[Sequence[PendingItem]],
+    *,
+    run_id: str,
+    stage: str,
+    batch_size: int,
+    first_number: int,
+    max_items: int | None = None,
+    max_batches: int | None = None,
+    only: frozenset[str] | None = None,
+) -> Iterator[Batch]:
+    """plan_batches over pending items that arrive in pages (Ledger.pending_pages), one
+    batch at a time: the next page is read only when a batch needs it, so planning holds
+    a page and the batches in flight, never the stage."""
+    cap = None if max_batches is None else max_batches * batch_size
     if max_items is not None:
-        planned = planned[:max_items]
-    return [
-        Batch(run_id, stage, number, tuple(planned[start : start + batch_size]))
-        for number, start in enumerate(range(0, len(planned), batch_size), first_number)
-    ]
+        cap = max_items if cap is None else min(cap, max_items)
+    taken = 0
+    number = first_number
+    chunk: list[PendingItem] = []
+    for page in pages:
+        for pending in page:
+            if cap is not None and taken >= cap:
+                break
+            if only is not None and pending.item not in only:
+                continue
+            chunk.append(pending)
+            taken += 1
+            if len(chunk) == batch_size:
+                yield Batch(run_id, stage, number, tuple(chunk))
+                number, chunk = number + 1, []
+        if cap is not None and taken >= cap:
+            break
+    if chunk:
+        yield Batch(run_id, stage, number, tuple(chunk))
+
+
+def planned_items(
+    pending: int,
+    *,
+    batch_size: int,
+    max_items: int | None = None,
+    max_batches: int | None = None,
+    only: frozenset[str] | None = None,
+) -> int:
+    """How many items iter_batches will plan out of `pending` items, counted up front for
+    progress: the items of `only` are pending ones (requeued or transiently failed)."""
+    count = pending if only is None else min(pending, len(only))
+    if max_batches is not None:
+        count = min(count, max_batches * batch_size)
+    if max_items is not None:
+        count = min(count, max_items)
+    return count
 
 
 def map_batches(
@@ -169,8 +225,9 @@ def map_batches(
     `max_items` / `max_batches` cap this invocation (the rest stays pending); `only`
     restricts it to those items. Batch numbers continue across invocations of a run.
     """
-    batches = plan_batches(
-        ledger.pending(run_id, stage),
+    # Planned lazily, page by page: a stage of half a million items is never in memory.
+    upcoming = iter_batches(
+        ledger.pending_pages(run_id, stage),
         run_id=run_id,
         stage=stage,
         batch_size=batch_size,
@@ -179,8 +236,15 @@ def map_batches(
         max_batches=max_batches,
         only=only,
     )
-    planned_items = sum(len(batch.items) for batch in batches)
-    base = ledger.counts(run_id).get(stage, StageCounts())
+    planned = planned_items(
+        ledger.count_pending(run_id, stage),
+        batch_size=batch_size,
+        max_items=max_items,
+        max_batches=max_batches,
+        only=only,
+    )
+    batches_total = -(-planned // batch_size)
+    base = ledger.counts(run_id, stage).get(stage, StageCounts())
     tally = {"done": base.done, "failed": base.failed, "retrying": base.retrying}
     result = StageRun()
     started = time.monotonic()
@@ -188,7 +252,6 @@ def map_batches(
     depth = fetches_in_flight(source.concurrency, batch_size)
     # Opened once for the stage, closed when it ends (after every fetch has finished).
     clients = ClientThread(source.client())
-    upcoming = iter(batches)
     fetching: deque[PrefectFuture[BatchOutcome]] = deque()
     storing: tuple[BatchOutcome, PrefectFuture[int]] | None = None
 
@@ -215,19 +278,19 @@ def map_batches(
             Progress(
                 stage=stage,
                 batches_done=result.batches,
-                batches_total=len(batches),
+                batches_total=batches_total,
                 done=tally["done"],
                 failed=tally["failed"],
                 retrying=tally["retrying"],
                 total=base.total,
                 processed_now=result.items_processed,
-                planned_now=planned_items,
+                planned_now=planned,
                 elapsed=time.monotonic() - started,
             )
         )
 
     try:
-        if batches:
+        if planned:
             clients.__enter__()
         for _ in range(depth):
             fetch_next()
