@@ -109,7 +109,21 @@ def environment() -> Environment:
     except ValidationError as exc:
         first = exc.errors()[0]
         name = str(first["loc"][0]) if first["loc"] else "a variable"
-        raise ConfigError(f"{name}: {first['msg']} (got {first.get('input')!r:.60})") from None
+        raise ConfigError(f"{name} {_reason(first)}, got {first.get('input')!r:.60}") from None
+
+
+def _reason(error: Any) -> str:
+    """Pydantic's verdict on one variable, in the words the rest of syncpoint uses."""
+    bounds = error.get("ctx") or {}
+    return {
+        "greater_than_equal": f"must be at least {bounds.get('ge')}",
+        "greater_than": f"must be more than {bounds.get('gt')}",
+        "less_than_equal": f"must be at most {bounds.get('le')}",
+        "int_parsing": "must be a whole number",
+        "int_from_float": "must be a whole number",
+        "float_parsing": "must be a number",
+        "bool_parsing": "must be 1 or 0 (true or false)",
+    }.get(error.get("type"), f"is not valid ({error.get('msg')})")
 
 
 def flow_retries() -> tuple[int, int]:

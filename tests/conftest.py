@@ -16,6 +16,8 @@ os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
 # In-process flow calls answer at once; deployment tests set their own retries.
 os.environ["SYNCPOINT_FLOW_RETRIES"] = "0"
+# In-process flow runs read tickers files the tests write under the temp folder.
+os.environ["SYNCPOINT_TICKERS_DIR"] = tempfile.gettempdir()
 # The second pass over transient failures waits this long; real runs wait 30 s.
 os.environ["SYNCPOINT_RETRY_COOLDOWN_SECONDS"] = "0.2"
 for _name in (

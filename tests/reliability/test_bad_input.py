@@ -124,7 +124,7 @@ def _prepare_target(kind: str, directory: Path) -> str:
 USAGE_ERRORS = [
     pytest.param(["--date", "2026-02-30"], {}, "bad date '2026-02-30'", id="date-feb-30"),
     pytest.param(["--date", "yesterday"], {}, "bad date 'yesterday'", id="date-word"),
-    pytest.param(["--batch-size", "0"], {}, "--batch-size must be at least 1", id="batch-size-0"),
+    pytest.param(["--batch-size", "0"], {}, "batch_size must be at least 1", id="batch-size-0"),
     pytest.param([], {"SYNC_BATCH_SIZE": "0"}, "SYNC_BATCH_SIZE must be at least 1", id="env-0"),
     pytest.param(
         [],
