@@ -53,6 +53,17 @@ ROOT = Path(__file__).resolve().parent.parent
 _db_counter = itertools.count()
 
 
+@pytest.fixture(autouse=True)
+def no_stop_left_over() -> Iterator[None]:
+    """A stop requested by one test (a signal, a refused claim) must not end the next
+    test's waits: the stop event is process-wide, as it is in a real run."""
+    from syncpoint.core.interrupts import clear_stop_request
+
+    clear_stop_request()
+    yield
+    clear_stop_request()
+
+
 @pytest.fixture(scope="session")
 def prefect_api() -> Iterator[str]:
     """A Prefect API server for the whole session; its URL for subprocesses."""
