@@ -6,6 +6,7 @@ from prefect.blocks.core import Block
 from prefect_sqlalchemy import SqlAlchemyConnector
 from pydantic import Field, HttpUrl, SecretStr
 
+from syncpoint.blocks.form import optional
 from syncpoint.core.db import Database
 from syncpoint.core.ledger import STALE_AFTER_SECONDS, Ledger
 
@@ -33,13 +34,19 @@ class CheckpointStore(Block):
     _description = "Database and retention for syncpoint's resumable run checkpoints."
     _documentation_url = HttpUrl("https://github.com/syncpoint/syncpoint#how-resume-works")
 
-    database: SqlAlchemyConnector | None = Field(
-        default=None,
-        description="A SqlAlchemy Connector block for the checkpoint tables.",
+    database: SqlAlchemyConnector | None = optional(
+        title="Database",
+        description=(
+            "A SqlAlchemy Connector block for the checkpoint tables. Empty: the URL below, "
+            "else the data database."
+        ),
     )
-    database_url: SecretStr | None = Field(
-        default=None,
-        description="SQLAlchemy URL used when no connector is set; empty means the data database.",
+    database_url: SecretStr | None = optional(
+        title="Database URL",
+        description=(
+            "SQLAlchemy URL of the checkpoint database, used when no connector is set; it may "
+            "hold a password, so it is masked. Empty: the data database."
+        ),
     )
     retention_days: int = Field(
         default=30,

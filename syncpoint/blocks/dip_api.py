@@ -6,6 +6,7 @@ from typing import ClassVar
 
 from pydantic import Field, HttpUrl, SecretStr
 
+from syncpoint.blocks.form import optional
 from syncpoint.blocks.market_api import MarketApi
 from syncpoint.core.http import AuthMode
 
@@ -37,22 +38,26 @@ class DipApi(MarketApi):
 
     base_url: str = Field(
         default="https://search.dip.bundestag.de",
+        title="Base URL",
         description=(
             "Root URL of the API; requests go to this URL followed by /api/v1/ and the entity name."
         ),
     )
-    api_key: SecretStr | None = Field(
-        default=None,
+    api_key: SecretStr | None = optional(
+        title="API key",
         description=(
             "API key (the DIP's are 42 characters): sent in the Authorization header, or as "
-            "the apikey query parameter when key_in_header is off; never logged."
+            "the apikey query parameter when key_in_header is off; never logged or shown "
+            "again. Empty: the worker's DIP_API_KEY, if any."
         ),
     )
     key_in_header: bool = Field(
         default=True,
+        title="Key in header",
         description=(
-            "Send the key as `Authorization: ApiKey <key>` (keeps it out of URLs, proxies' "
-            "access logs and every logged URL); off: the apikey query parameter."
+            "Send the key in the Authorization header, as ApiKey followed by the key: it "
+            "stays out of URLs, proxies' access logs and every logged URL. Off: the apikey "
+            "query parameter."
         ),
     )
     max_response_bytes: int = Field(

@@ -7,6 +7,7 @@ from typing import ClassVar
 from prefect.blocks.core import Block
 from pydantic import Field, HttpUrl, SecretStr
 
+from syncpoint.blocks.form import optional
 from syncpoint.core.http import (
     DEFAULT_MAX_RESPONSE_BYTES,
     DEFAULT_REQUEST_DEADLINE,
@@ -46,25 +47,30 @@ class MarketApi(Block):
 
     base_url: str = Field(
         default="https://financialmodelingprep.com",
+        title="Base URL",
         description=(
             "Root URL of the API; requests go to this URL followed by /stable/ and the "
             "endpoint path."
         ),
     )
-    api_key: SecretStr | None = Field(
-        default=None,
-        description="API key, sent as the apikey query parameter and never logged.",
+    api_key: SecretStr | None = optional(
+        title="API key",
+        description=(
+            "The key the API gave you, sent as the apikey query parameter; never logged or "
+            "shown again. Empty: the worker's MARKET_API_KEY, if any."
+        ),
     )
-    requests_per_minute: float | None = Field(
-        default=None,
+    requests_per_minute: float | None = optional(
+        title="Requests per minute",
         gt=0,
-        description="Pace this process's requests to this many per minute; empty: unlimited.",
+        description="Pace this process's requests to this many per minute. Empty: unlimited.",
     )
-    global_rate_limit: str | None = Field(
-        default=None,
+    global_rate_limit: str | None = optional(
+        title="Global rate limit",
         description=(
             "Name of a Prefect global concurrency limit with slot decay; every request takes "
-            "a slot, so runs on different workers share one requests-per-minute budget."
+            "a slot, so runs on different workers share one requests-per-minute budget. "
+            "Empty: none."
         ),
     )
     concurrency: int = Field(
