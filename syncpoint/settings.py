@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any, Generic, TypeVar, cast
@@ -323,7 +323,8 @@ def _common(
     checkpoint_block: str | None,
     concurrency: int | None,
     builtin_api: bool | None,
-) -> tuple[Environment, Database, CheckpointStore, ApiChoice[ApiT]]:
+) -> tuple[Environment, RunSettings[ApiT]]:
+    """What every job resolves the same way, and the environment it was read from."""
     env = environment()
     positive("concurrency", concurrency)
     api = _api(
@@ -334,7 +335,13 @@ def _common(
         builtin=builtin_api,
         env=env,
     )
-    return env, database(database_block, env), checkpoint_store(checkpoint_block, env), api
+    base = RunSettings(
+        database(database_block, env),
+        checkpoint_store(checkpoint_block, env),
+        api,
+        retry_cooldown=_first(env.retry_cooldown_seconds, RETRY_COOLDOWN_SECONDS),
+    )
+    return env, base
 
 
 def resolve_daily_sync(
@@ -349,7 +356,7 @@ def resolve_daily_sync(
 ) -> RunSettings[MarketApi]:
     positive("batch_size", batch_size)
     positive("price_days", price_days)
-    env, data, store, api = _common(
+    env, base = _common(
         MarketApi,
         "market",
         api_block=market_api_block,
@@ -358,13 +365,10 @@ def resolve_daily_sync(
         concurrency=concurrency,
         builtin_api=builtin_api,
     )
-    return RunSettings(
-        data,
-        store,
-        api,
+    return replace(
+        base,
         batch_size=_first(batch_size, env.batch_size, DAILY_BATCH_SIZE),
         price_days=_first(price_days, env.price_days, PRICE_DAYS),
-        retry_cooldown=_first(env.retry_cooldown_seconds, RETRY_COOLDOWN_SECONDS),
     )
 
 
@@ -378,7 +382,7 @@ def resolve_fill_cache(
     checkpoint_block: str | None = None,
 ) -> RunSettings[MarketApi]:
     positive("batch_size", batch_size)
-    env, data, store, api = _common(
+    _env, base = _common(
         MarketApi,
         "market",
         api_block=market_api_block,
@@ -389,14 +393,7 @@ def resolve_fill_cache(
     )
     # Five tickers a batch is the backfill's progress and checkpoint grain; SYNC_BATCH_SIZE
     # is the nightly sync's and does not apply here.
-    size = _first(batch_size, FILL_CACHE_BATCH_SIZE)
-    return RunSettings(
-        data,
-        store,
-        api,
-        batch_size=size,
-        retry_cooldown=_first(env.retry_cooldown_seconds, RETRY_COOLDOWN_SECONDS),
-    )
+    return replace(base, batch_size=_first(batch_size, FILL_CACHE_BATCH_SIZE))
 
 
 def resolve_document_sync(
@@ -418,7 +415,7 @@ def resolve_document_sync(
         raise ConfigError(
             f"visibility_delay_minutes must be 0 or more, got {visibility_delay_minutes}"
         )
-    env, data, store, api = _common(
+    env, base = _common(
         DipApi,
         "dip",
         api_block=dip_api_block,
@@ -427,10 +424,8 @@ def resolve_document_sync(
         concurrency=None,
         builtin_api=builtin_api,
     )
-    return RunSettings(
-        data,
-        store,
-        api,
+    return replace(
+        base,
         checkpoint_every_records=_first(
             checkpoint_every_records,
             env.dip_checkpoint_records,
