@@ -19,17 +19,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, ClassVar
-from urllib.parse import parse_qs, urlparse
 
 import pytest
 import sqlalchemy as sa
@@ -46,12 +43,22 @@ from syncpoint.simulator import MarketSimulator
 from syncpoint.sources.market import PricesSource
 from syncpoint.tasks.batches import Batch, fetch_batch
 from tests.conftest import cli_env, run_cli, table_rows, tickers_file
+from tests.reliability.hostile_server import (
+    DCF,
+    PRICES,
+    LoopbackApi,
+    Request,
+    served_bar,
+    served_bars,
+    served_prices,
+    stored_prices,
+)
+from tests.reliability.hostile_server import dcf_body as served_dcf
+from tests.reliability.hostile_server import run_status as status
 
 DAY = date(2026, 11, 20)  # a Friday
 PRICE_DAYS = 5  # the nightly default: 2026-11-15 .. 2026-11-20
 START = DAY - timedelta(days=PRICE_DAYS)
-PRICES = "/stable/historical-price-eod/full"
-DCF = "/stable/discounted-cash-flow"
 HUGE = "9" * 400
 
 # Poisoned ticker -> the reason `syncpoint status` gives for it (stage prices unless "DCFX").
@@ -71,25 +78,6 @@ BAD_PRICES = [*REFUSED_BY_PARSER, NESTED, REFUSED_BY_DATABASE]
 # A good ticker beside each bad one: the ledger batches items in name order, so with
 # batches of 5 every batch holds both kinds.
 GOOD = [f"{t}G" for t in [*BAD_PRICES, BAD_VALUATION]]
-
-
-def served_bar(symbol: str, day: date) -> dict[str, Any]:
-    """The bar the API serves for (symbol, day): deterministic, different per ticker."""
-    base = 10 + sum(map(ord, symbol)) % 50 + day.day / 100
-    return {
-        "symbol": symbol,
-        "date": day.isoformat(),
-        "open": base + 0.25,
-        "high": base + 1.5,
-        "low": base - 0.5,
-        "close": base + 0.75,
-        "volume": 1000 * day.day + len(symbol),
-    }
-
-
-def served_bars(symbol: str, start: date, end: date) -> list[dict[str, Any]]:
-    days = (end - timedelta(days=i) for i in range((end - start).days + 1))
-    return [served_bar(symbol, d) for d in days if d.weekday() < 5]
 
 
 def prices_body(symbol: str, start: date, end: date) -> str:
@@ -116,55 +104,26 @@ def prices_body(symbol: str, start: date, end: date) -> str:
 
 
 def dcf_body(symbol: str) -> str:
-    dcf = HUGE if symbol == BAD_VALUATION else "123.5"
-    return f'[{{"symbol": "{symbol}", "date": "{DAY}", "dcf": {dcf}, "Stock Price": 120.25}}]'
+    return served_dcf(symbol, DAY, HUGE if symbol == BAD_VALUATION else "123.5")
 
 
-class PoisonedApi:
+class PoisonedApi(LoopbackApi):
     """The FMP-style endpoints daily-sync reads, on loopback; counts requests per
     (path, symbol)."""
 
     def __init__(self) -> None:
-        self.requests: Counter[tuple[str, str]] = Counter()
-        api = self
+        super().__init__(self._answer)
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                url = urlparse(self.path)
-                query = {k: v[0] for k, v in parse_qs(url.query).items()}
-                symbol = query.get("symbol", "")
-                api.requests[url.path, symbol] += 1
-                if url.path == PRICES:
-                    start, end = date.fromisoformat(query["from"]), date.fromisoformat(query["to"])
-                    self._answer(200, prices_body(symbol, start, end))
-                elif url.path == DCF:
-                    self._answer(200, dcf_body(symbol))
-                else:
-                    self._answer(404, '{"Error Message": "unknown endpoint"}')
-
-            def _answer(self, status: int, body: str) -> None:
-                data = body.encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.base_url = f"http://127.0.0.1:{self.server.server_port}"
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self) -> PoisonedApi:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+    @staticmethod
+    def _answer(request: Request) -> None:
+        if request.path == PRICES:
+            start = date.fromisoformat(request.query["from"])
+            end = date.fromisoformat(request.query["to"])
+            request.reply(200, prices_body(request.symbol, start, end))
+        elif request.path == DCF:
+            request.reply(200, dcf_body(request.symbol))
+        else:
+            request.reply(404, '{"Error Message": "unknown endpoint"}')
 
 
 @pytest.fixture
@@ -196,13 +155,6 @@ def refuse_ticker_in_database(url: str, ticker: str) -> None:
                 )
             )
     engine.dispose()
-
-
-def status(env: dict[str, str], cwd: Path) -> dict[str, Any]:
-    result = run_cli(["status", "--json", "--failures", "100"], env, cwd)
-    assert result.returncode == 0, result.stderr
-    (run,) = json.loads(result.stdout)
-    return dict(run)
 
 
 def test_poisoned_answers_fail_their_tickers_and_everything_else_syncs(
@@ -249,16 +201,7 @@ def test_poisoned_answers_fail_their_tickers_and_everything_else_syncs(
         assert f"prices/{ticker}: permanent" in first.stdout
 
     # Every normal ticker's prices are stored exactly as served; no poisoned ticker has any.
-    stored = table_rows(
-        database_url, "stock_prices", "ticker, date, open, high, low, close, volume"
-    )
-    expected = [
-        (b["symbol"], date.fromisoformat(b["date"]), b["open"], b["high"], b["low"],
-         b["close"], b["volume"])
-        for t in [*GOOD, BAD_VALUATION]
-        for b in served_bars(t, START, DAY)
-    ]  # fmt: skip
-    assert sorted((r[0], _day(r[1]), *r[2:]) for r in stored) == sorted(expected)
+    assert stored_prices(database_url) == served_prices([*GOOD, BAD_VALUATION], START, DAY)
     # The valuations stage ran, for every ticker, poisoned prices or not.
     valued = {r[0]: r for r in table_rows(database_url, "dcf_valuations", "ticker, dcf")}
     assert set(valued) == set(universe) - {BAD_VALUATION}
@@ -277,10 +220,6 @@ def test_poisoned_answers_fail_their_tickers_and_everything_else_syncs(
     assert "Traceback" not in second.stdout + second.stderr
     assert "already complete" in second.stdout.lower(), second.stdout
     assert sum(poisoned_api.requests.values()) == 0
-
-
-def _day(value: object) -> date:
-    return value if isinstance(value, date) else date.fromisoformat(str(value))
 
 
 # --- the fetch step: what nobody foresaw costs one item ----------------------------------
