@@ -100,7 +100,8 @@ class StageRun:
     """What one stage did in this invocation."""
 
     rows_written: int = 0
-    requests: int = 0
+    requests: int = 0  # requests that went out in this invocation
+    batches_reused: int = 0  # fetches the task cache answered: no request went out for them
     batches: int = 0
     items_processed: int = 0
     fatal: str | None = None
@@ -111,6 +112,7 @@ class StageRun:
         return StageRun(
             rows_written=self.rows_written + later.rows_written,
             requests=self.requests + later.requests,
+            batches_reused=self.batches_reused + later.batches_reused,
             batches=self.batches + later.batches,
             items_processed=self.items_processed + later.items_processed,
             fatal=self.fatal or later.fatal,
@@ -219,11 +221,14 @@ def map_batches(
     on_progress: Callable[[Progress], None],
     max_batches: int | None = None,
     only: frozenset[str] | None = None,
+    into: StageRun | None = None,
 ) -> StageRun:
     """Run a stage's pending items in batches until done, capped, stopped or fatal.
 
     `max_items` / `max_batches` cap this invocation (the rest stays pending); `only`
     restricts it to those items. Batch numbers continue across invocations of a run.
+    `into` is counted into as the stage goes (and returned), so a caller still knows what
+    went out when a store step fails and this raises.
     """
     # Planned lazily, page by page: a stage of half a million items is never in memory.
     upcoming = iter_batches(
@@ -246,7 +251,7 @@ def map_batches(
     batches_total = -(-planned // batch_size)
     base = ledger.counts(run_id, stage).get(stage, StageCounts())
     tally = {"done": base.done, "failed": base.failed, "retrying": base.retrying}
-    result = StageRun()
+    result = into if into is not None else StageRun()
     started = time.monotonic()
     slots = RequestSlots(source.concurrency)
     depth = fetches_in_flight(source.concurrency, batch_size)
@@ -263,6 +268,15 @@ def map_batches(
             # Prefect types an async task's future as one of a coroutine; it holds the value.
             future = fetch_batch.submit(source, batch, slots, clients)
             fetching.append(cast(PrefectFuture[BatchOutcome], future))
+
+    def count(fetched: PrefectFuture[BatchOutcome]) -> BatchOutcome:
+        outcome = fetched.result()
+        if _from_cache(fetched):
+            # The outcome an earlier attempt fetched, requests and all: none went out now.
+            result.batches_reused += 1
+        else:
+            result.requests += outcome.requests
+        return outcome
 
     def settle(outcome: BatchOutcome, future: PrefectFuture[int]) -> None:
         result.rows_written += future.result()
@@ -295,8 +309,7 @@ def map_batches(
         for _ in range(depth):
             fetch_next()
         while fetching:
-            outcome = fetching.popleft().result()
-            result.requests += outcome.requests
+            outcome = count(fetching.popleft())
             result.fatal = result.fatal or outcome.fatal
             if storing is not None:
                 previous, storing = storing, None
@@ -321,11 +334,23 @@ def map_batches(
         # thread goes on sending after the stage has ended.
         for future in fetching:
             future.wait()
+            if future.state.is_completed():
+                count(future)  # not stored now, but its requests went out
         clients.__exit__(None, None, None)
         # A batch that was fetched is always stored before the stage ends, whatever ended it.
         if storing is not None:
             settle(*storing)
     return result
+
+
+def _from_cache(future: PrefectFuture[BatchOutcome]) -> bool:
+    """Whether Prefect answered the fetch from its task cache instead of running it.
+
+    A finished future holds its final state (no API call); a cache hit is a Completed
+    state named "Cached".
+    """
+    state = future.state
+    return state.is_completed() and state.name == "Cached"
 
 
 def _bucket(outcome: ItemOutcome) -> str:

@@ -2,18 +2,23 @@
 
 Flows stay a table of contents; this is where a stage's failure is caught, logged to
 sync_logs and turned into the run's status (a failed stage does not stop the next one,
-a rejected API key stops everything).
+a rejected API key stops everything), and where the run explains itself in its own log:
+a line per batch (at most one every few seconds), every stop as it happens, in the
+terms of the interface the run came from, and a last line saying how it ended.
 """
 
 from __future__ import annotations
 
 import logging
+import signal
+import socket
+import threading
 import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -33,12 +38,23 @@ from syncpoint.core.ledger import (
 )
 from syncpoint.core.redact import redact
 from syncpoint.core.sync_log import StageLog
-from syncpoint.engine.batch_map import Progress, StageRun, map_batches
+from syncpoint.engine.batch_map import (
+    MIN_FETCHES_IN_FLIGHT,
+    Progress,
+    StageRun,
+    fetches_in_flight,
+    map_batches,
+)
+from syncpoint.engine.origin import Origin
+from syncpoint.engine.report import summary_line
 from syncpoint.engine.run_page import RunPage
 from syncpoint.sources.source import Source
 
 FAILURES_SHOWN = 20
 FAILED_ROWS_SHOWN = 200  # on the run page
+# A stage's progress line at most this often (and always for its first and last batch):
+# a run of small batches would otherwise bury the log in lines a second apart.
+PROGRESS_LOG_SECONDS = 5.0
 
 
 class RunFailed(SyncError):
@@ -61,7 +77,8 @@ class StageReport:
     status: str  # success | partial | failed | skipped
     counts: StageCounts = field(default_factory=StageCounts)
     rows_written: int = 0
-    requests: int = 0
+    requests: int = 0  # requests that went out in this invocation
+    batches_reused: int = 0  # fetched batches served from the task cache: no requests
     error: str | None = None
     seconds: float = 0.0
 
@@ -89,7 +106,7 @@ class JobRun:
         params: dict[str, Any],
         fresh: bool,
         logger: logging.Logger | logging.LoggerAdapter[logging.Logger],
-        resume_hint: str,
+        resume_command: str,
         reopen: bool = False,
         stop: StopFlag | None = None,
         retry_cooldown: float | None = None,
@@ -97,7 +114,15 @@ class JobRun:
         self.job, self.run_key, self.data, self.logger = job, run_key, data, logger
         # Seconds before a stage's transient failures get their second pass; None: no pass.
         self.retry_cooldown = retry_cooldown
-        self.resume_hint = resume_hint
+        # The command that continues this run from a shell; a deployment run says "Retry".
+        self.resume_command = resume_command
+        self.origin = Origin.current()
+        self._mapped: set[str] = set()  # stages that fetch items (not one-step stages)
+        self._passes: list[StageRun] = []  # the current stage's batch passes, as they count
+        self._stopped_by: str | None = None
+        # Batches the current stage fetches at once (its pipeline depth), for the stop notice.
+        self._fetching = MIN_FETCHES_IN_FLIGHT
+        self._last_progress_log = 0.0
         self.checkpoints = store.target(data)
         self.ledger = Ledger(self.checkpoints.engine())
         expired = self.ledger.expire(store.retention_days)
@@ -121,12 +146,17 @@ class JobRun:
         # A caller that runs several JobRuns (one per entity) owns the signals and the flag.
         self._owns_signals = stop is None
         self.stop = stop if stop is not None else StopFlag()
-        self.page = RunPage(job, run_key, stages, logger)
+        self.page = RunPage(job, run_key, stages, logger, self.origin)
         self.reports: list[StageReport] = []
         self.started = time.monotonic()
         self._exit = ExitStack()
         if claim.took_over:
-            logger.warning("took over %s %s, left running by %s", job, run_key, claim.took_over)
+            logger.warning(
+                "took over %s %s from %s: continuing from its checkpoint",
+                job,
+                run_key,
+                describe_holder(claim.took_over, store.stale_after_seconds),
+            )
         if self.already_complete:
             logger.info(
                 "%s %s is already complete (run %s): nothing to do", job, run_key, self.run.run_id
@@ -153,7 +183,14 @@ class JobRun:
             heartbeat.start()
             self._exit.callback(heartbeat.close)
             if self._owns_signals:
-                self._exit.enter_context(graceful_stop(self.stop, self.resume_hint))
+                # The handler prints at once, to the terminal; the run's log hears it from
+                # the announcer (a signal handler must not take the logging locks).
+                self._exit.enter_context(
+                    graceful_stop(self.stop, self.origin.resume_hint(self.resume_command))
+                )
+            announcer = _StopAnnouncer(self)
+            announcer.start()
+            self._exit.callback(announcer.close)
         return self
 
     def __exit__(
@@ -188,18 +225,29 @@ class JobRun:
         began = time.monotonic()
         report = StageReport(name, "success")
         fatal: FatalApiError | ConfigError | None = None
+        self._passes = []
         try:
             ran = body()
             if ran is not None:
                 report.rows_written, report.requests = ran.rows_written, ran.requests
+                report.batches_reused = ran.batches_reused
                 if ran.fatal:
                     fatal = FatalApiError(ran.fatal)
         except (FatalApiError, ConfigError) as exc:
             # Every later request or stage would fail the same way: stop the run.
             fatal = exc
+            if isinstance(exc, FatalApiError):
+                # The refusal is an answer, so its request went out; raised out of a task,
+                # it left the client's count behind, and a refused run must not say
+                # "0 API requests".
+                report.requests += 1
         except (SyncError, SQLAlchemyError, OSError) as exc:
             report.status, report.error = "failed", _one_line(exc)
             self.logger.error("stage %s failed: %s", name, report.error)
+            # What went out before the failure still went out.
+            report.requests = sum(p.requests for p in self._passes)
+            report.batches_reused = sum(p.batches_reused for p in self._passes)
+            report.rows_written = sum(p.rows_written for p in self._passes)
         report.seconds = time.monotonic() - began
         report.counts = self._counts(name)
         if fatal is not None:
@@ -209,6 +257,13 @@ class JobRun:
             report.status = "partial"
         self.reports.append(report)
         self._write_log(log, report)
+        self.page.stage_ended(
+            name,
+            report.counts,
+            one_step=name not in self._mapped,
+            stages=[r.to_dict() for r in self.reports],
+            resumed=self.resumed,
+        )
         if fatal is not None:
             raise fatal
         return report
@@ -232,10 +287,14 @@ class JobRun:
                 raise SyncError(f"no items to process for {name}")
             # Items already known (settled early, or by an earlier attempt) are kept as is.
             self.ledger.add_items(self.run_id, name, universe)
+            self._mapped.add(name)
+            self._fetching = fetches_in_flight(source.concurrency, batch_size)
+            self.page.stage_started(name, self._counts(name))
 
             def one_pass(
                 max_items: int | None, max_batches: int | None, only: frozenset[str] | None
             ) -> StageRun:
+                self._passes.append(StageRun())
                 return map_batches(
                     ledger=self.ledger,
                     data=self.data,
@@ -249,6 +308,7 @@ class JobRun:
                     on_progress=self.progress,
                     max_batches=max_batches,
                     only=only,
+                    into=self._passes[-1],
                 )
 
             ran = one_pass(max_items, max_batches, only)
@@ -281,17 +341,19 @@ class JobRun:
         return not self.stop.requested
 
     def progress(self, progress: Progress) -> None:
-        self.logger.info(progress.line())
-        self.page.progress(
-            progress.stage,
-            progress.done + progress.failed,
-            progress.total,
-            progress.rate,
-            progress.eta_seconds,
-        )
+        now = time.monotonic()
+        if (
+            progress.batches_done in (1, progress.batches_total)
+            or now - self._last_progress_log >= PROGRESS_LOG_SECONDS
+        ):
+            self._last_progress_log = now
+            self.logger.info(progress.line())
+        self.page.progress(progress.stage, progress.done + progress.failed, progress.total)
 
     def publish(self, summary: dict[str, Any]) -> dict[str, Any]:
-        """Show the summary and failed items on the run's page; returns the summary."""
+        """Show the summary and failed items on the run's page, and say in the run's log
+        how it ended; returns the summary."""
+        self._log_summary(summary)
         if self.already_complete:
             # The run that completed the date has the bar and the failed items already;
             # a rerun says what it found, in one API call, so a no-op rerun stays fast.
@@ -303,6 +365,12 @@ class JobRun:
             failures = []
         self.page.finished(summary, failures)
         return summary
+
+    def _log_summary(self, summary: dict[str, Any]) -> None:
+        level = {"completed": logging.INFO, "partial": logging.WARNING}.get(
+            summary["status"], logging.ERROR
+        )
+        self.logger.log(level, summary_line(summary))
 
     def register_settled(self, stage: str, done: Sequence[str], failed: dict[str, str]) -> None:
         """Record a stage whose items were settled without fetching (e.g. validation)."""
@@ -343,22 +411,26 @@ class JobRun:
         self.ledger.set_status(self.run_id, status, summary)
         retrying = sum(c.retrying for c in self.ledger.counts(self.run_id).values())
         if status is RunStatus.PARTIAL and retrying and not self.stop.requested:
-            raise RunIncomplete(
-                f"{self.job} {self.run_key} is partial: {retrying} items failed transiently "
-                "after their retries and a second pass; running it again resumes them",
-                summary,
+            raise explained(
+                RunIncomplete(
+                    f"{self.job} {self.run_key} is partial: {retrying} items failed "
+                    "transiently after their retries and a second pass; running it again "
+                    "resumes them",
+                    summary,
+                )
             )
         if status is RunStatus.FAILED:
             names = ", ".join(f"{r.name} ({r.error})" for r in failed)
-            raise RunFailed(f"{self.job} {self.run_key} failed in {names}", summary)
+            raise explained(RunFailed(f"{self.job} {self.run_key} failed in {names}", summary))
         return summary
 
     def fail(self, exc: BaseException) -> None:
         """Record a run stopped by `exc` (fatal API error, interrupt, crash of the flow)."""
         try:
             summary = self.summary(RunStatus.FAILED)
-            summary["error"] = _one_line(exc)
+            summary["error"] = _one_line(exc) if not isinstance(exc, SyncError) else str(exc)
             self.publish(summary)
+            explained(exc)
             self.ledger.set_status(self.run_id, RunStatus.FAILED, summary)
         except SQLAlchemyError as db_exc:
             self.logger.warning("could not record the failed status: %s", _one_line(db_exc))
@@ -382,10 +454,45 @@ class JobRun:
                 asdict(f) for f in self.ledger.failures(self.run_id, limit=FAILURES_SHOWN)
             ],
             "failures_total": sum(c.failed + c.retrying for c in counts.values()),
+            "batches_reused": sum(r.batches_reused for r in self.reports),
             "interrupted": self.stop.reason,
             "signal": self.stop.signum,
-            "resume_hint": self.resume_hint,
+            "stopped_by": self.stopped_by(),
+            "resume_hint": self.origin.resume_hint(self.resume_command, self._done_work(counts)),
         }
+
+    @property
+    def resume_hint(self) -> str:
+        """What to do to continue this run, for where it came from (Retry, or a command)."""
+        try:
+            counts = self.ledger.counts(self.run_id)
+        except SQLAlchemyError:
+            counts = {}
+        return self.origin.resume_hint(self.resume_command, self._done_work(counts))
+
+    def _done_work(self, counts: dict[str, StageCounts]) -> int | None:
+        """Items done in the stages that fetch them: what a retry will not fetch again."""
+        if not self._mapped:
+            return None
+        return sum(c.done for stage, c in counts.items() if stage in self._mapped)
+
+    def stopped_by(self) -> str | None:
+        """What stopped the run early, in the words of the person who reads its log."""
+        if not self.stop.requested:
+            return None
+        if self._stopped_by is None:
+            self._stopped_by = self._stop_cause()
+        return self._stopped_by
+
+    def _stop_cause(self) -> str:
+        signum = self.stop.signum
+        if signum == signal.SIGINT:
+            return "Ctrl+C (SIGINT)"
+        if signum == signal.SIGTERM:
+            if self.origin.from_deployment and _cancelling(self.origin):
+                return "Cancel on this run's page (or `prefect flow-run cancel`)"
+            return "SIGTERM (the worker or the machine is stopping this process)"
+        return self.stop.reason or "a stop request"
 
     def _counts(self, stage: str) -> StageCounts:
         try:
@@ -415,3 +522,92 @@ class JobRun:
 def _one_line(exc: BaseException) -> str:
     text = redact(str(getattr(exc, "orig", None) or exc)).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+E = TypeVar("E", bound=BaseException)
+_EXPLAINED = "_syncpoint_explained"
+
+
+def explained(exc: E) -> E:
+    """Mark `exc` as told in the run's log already (its summary line), so the flow does
+    not log it a second time with a traceback (see flows.job_flow)."""
+    setattr(exc, _EXPLAINED, True)
+    return exc
+
+
+def is_explained(exc: BaseException) -> bool:
+    return bool(getattr(exc, _EXPLAINED, False))
+
+
+def describe_holder(owner: str, stale_after: float) -> str:
+    """A run's holder ("host:pid:token") as a person reads it: which process, and why it
+    counts as gone (dead on this host, or silent for too long on another)."""
+    parts = owner.rsplit(":", 2)
+    if len(parts) != 3 or not parts[1].isdigit():
+        return f"{owner}, which stopped sending heartbeats"
+    host, pid, _token = parts
+    if host == socket.gethostname():
+        return f"process {pid} on this host ({host}), which is no longer alive"
+    return (
+        f"process {pid} on host {host}, which sent no heartbeat for over "
+        f"{stale_after:.0f} s and is presumed dead"
+    )
+
+
+def _cancelling(origin: Origin) -> bool:
+    """Whether the flow run is being cancelled: Prefect's worker sends SIGTERM for that."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import StateType
+
+    if origin.flow_run_id is None:
+        return False
+    try:
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(origin.flow_run_id).state
+    except Exception:  # the API is only asked to word the message better
+        return False
+    return state is not None and state.type in (StateType.CANCELLING, StateType.CANCELLED)
+
+
+class _StopAnnouncer:
+    """Says in the run's own log, within a moment, that a signal is stopping the run.
+
+    The signal handler itself only sets the flag and writes to the terminal: logging from
+    a handler can deadlock on a lock the interrupted code holds. This thread watches the
+    flag instead and logs through the run's logger, so a Cancel pressed in the Prefect UI
+    is explained on the run's page, not only on the worker's stderr.
+    """
+
+    POLL_SECONDS = 0.1
+
+    def __init__(self, run: JobRun) -> None:
+        self._run = run
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="syncpoint-stop", daemon=True)
+
+    def start(self) -> None:
+        if not self._run.stop.requested:  # one already announced (an earlier entity's run)
+            self._thread.start()
+
+    def close(self) -> None:
+        self._done.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+
+    def _watch(self) -> None:
+        run = self._run
+        while not self._done.wait(self.POLL_SECONDS):
+            if not run.stop.requested:
+                continue
+            if run.stop.signum is None:
+                return  # a lost claim: the heartbeat has said so already
+            run.logger.warning(
+                "%s: no new batch starts; the batches in flight (at most %d: %d fetching, "
+                "one storing) finish and are stored, then the run stops. Nothing done so far "
+                "is lost. %s",
+                run.stopped_by(),
+                run._fetching + 1,
+                run._fetching,
+                run.resume_hint,
+            )
+            return

@@ -19,11 +19,13 @@ def summary_text(summary: dict[str, Any]) -> str:
             f"{job} {key} is already complete (run {summary['run_id']}): nothing to do, "
             f"0 API requests.\nStart it over with --fresh."
         )
+    reused = summary.get("batches_reused", 0)
     lines = [
         f"{job} {key}: {summary['status'].upper()}"
         f"{' (resumed)' if summary.get('resumed') else ''} in {summary['seconds']:.1f}s, "
-        f"{summary['requests']} API requests, {summary['rows_written']} rows written "
-        f"(run {summary['run_id']})",
+        f"{summary['requests']} API requests"
+        f"{f', {batches(reused)} reused from the cache' if reused else ''}, "
+        f"{summary['rows_written']} rows written (run {summary['run_id']})",
         "",
         f"  {'stage':<12}{'status':<9}{'done':>7}{'failed':>8}{'retry':>7}{'left':>7}"
         f"{'rows':>9}{'requests':>10}",
@@ -53,6 +55,50 @@ def summary_text(summary: dict[str, Any]) -> str:
     elif summary["status"] == "failed":
         lines += ["", "The run failed; run the same command again to resume it."]
     return "\n".join(lines)
+
+
+def summary_line(summary: dict[str, Any]) -> str:
+    """A run's last line in its own log: what it did, how it ended, what to do next."""
+    job, key, status = summary["job"], summary["run_key"], summary["status"]
+    if summary.get("already_complete"):
+        return (
+            f"{job} {key} is already complete (run {summary['run_id']}): nothing to do, "
+            "0 API requests"
+        )
+    stages = []
+    for stage in summary.get("stages", []):
+        c = stage["counts"]
+        parts = [f"{c['done']} done"]
+        parts += [
+            f"{n} {what}"
+            for n, what in (
+                (c["failed"], "failed"),
+                (c["retrying"], "to retry"),
+                (c["untouched"], "left"),
+            )
+            if n
+        ]
+        stages.append(f"{stage['name']} {', '.join(parts)}")
+    reused = summary.get("batches_reused", 0)
+    text = (
+        f"{job} {key} {status} in {summary['seconds']:.1f} s"
+        f"{' (resumed)' if summary.get('resumed') else ''}: {'; '.join(stages) or 'no stage ran'}. "
+        f"{summary['requests']} API requests"
+        f"{f', {batches(reused)} reused from the cache' if reused else ''}, "
+        f"{summary['rows_written']} rows written."
+    )
+    stage_errors = any(s.get("error") for s in summary.get("stages", []))
+    if summary.get("error") and not stage_errors:
+        text += f" {summary['error'].rstrip('.')}."
+    if summary.get("stopped_by"):
+        text += f" Stopped by {summary['stopped_by']}."
+    if status != "completed" and summary.get("resume_hint"):
+        text += f" {summary['resume_hint']}"
+    return text
+
+
+def batches(count: int) -> str:
+    return f"{count} batch" if count == 1 else f"{count} batches"
 
 
 def shown(item: str) -> str:

@@ -6,9 +6,10 @@ same date continues where the last attempt stopped and never requests a done tic
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 from prefect import get_run_logger
 
@@ -16,7 +17,7 @@ from syncpoint import settings
 from syncpoint.core.errors import ConfigError
 from syncpoint.engine.batch_map import StageRun
 from syncpoint.engine.job_run import JobRun
-from syncpoint.flows.job_flow import job_flow
+from syncpoint.flows.job_flow import UNSET, Count, Day, Switch, Text, job_flow
 from syncpoint.sources.market import PricesSource, ValuationsSource
 from syncpoint.sources.universe import Universe, readable_tickers_file
 from syncpoint.tasks.universe import resolve_universe
@@ -25,26 +26,57 @@ JOB = "daily-sync"
 STAGES = ("universe", "prices", "valuations")
 
 
-# A retry (automatic, from the dashboard or `prefect flow-run retry`) resumes the run.
-@job_flow(JOB)
-def daily_sync(
-    run_date: str | None = None,
-    tickers_file: str | None = None,
-    ticker_source: str = "sp500",
-    batch_size: int | None = None,
-    concurrency: int | None = None,
-    max_items: int | None = None,
-    price_days: int | None = None,
-    fresh: bool = False,
-    builtin_api: bool | None = None,
-    market_api_block: str | None = None,
-    database_block: str | None = None,
-    checkpoint_block: str | None = None,
-) -> dict[str, Any]:
-    """Sync the last `price_days` days of prices and the latest DCF valuations.
+def run_name(parameters: Mapping[str, Any]) -> str:
+    """What the run syncs, as its name in the Prefect UI: "daily-sync 2026-11-20"."""
+    return f"{JOB} {settings.run_date(parameters.get('run_date')).isoformat()}"
 
-    `max_items` caps how many tickers each stage processes in this run (status partial;
-    the next run continues). `fresh` discards the date's checkpoint and starts over.
+
+# A retry (automatic, from the dashboard or `prefect flow-run retry`) resumes the run.
+@job_flow(JOB, run_name=run_name)
+def daily_sync(
+    run_date: Day = UNSET,
+    tickers_file: Text = UNSET,
+    ticker_source: Literal["sp500", "all"] = "sp500",
+    batch_size: Count = UNSET,
+    concurrency: Count = UNSET,
+    max_items: Count = UNSET,
+    price_days: Count = UNSET,
+    fresh: bool = False,
+    builtin_api: Switch = False,
+    market_api_block: Text = UNSET,
+    database_block: Text = UNSET,
+    checkpoint_block: Text = UNSET,
+) -> dict[str, Any]:
+    """Sync one day of market data: the tickers, their recent daily prices and their
+    latest DCF valuations, into stock_prices and dcf_valuations.
+
+    A run is one date. Running a date again continues where the last attempt stopped and
+    never requests a ticker that is done; a completed date does nothing.
+
+    Args:
+        run_date: The day to sync; its checkpoint is this date's. Empty: today (UTC).
+        tickers_file: A file on the worker with one ticker per line, synced instead of
+            the ticker source. The worker reads it only from the folder it allows for
+            ticker files.
+        ticker_source: The ticker list the API publishes: sp500 (the S&P 500) or all.
+        batch_size: Tickers per batch (one fetch and one store each; progress and
+            checkpoints move per batch). Empty: the worker's default, 50.
+        concurrency: Requests in flight at once. Empty: the Market API block's or the
+            worker's setting, else 16.
+        max_items: Stop each stage after this many tickers; the run ends partial and the
+            next run of the date (or Retry) continues. Empty: all of them.
+        price_days: How many days of prices, up to the run date. Empty: the worker's
+            setting, else 5.
+        fresh: Forget this date's checkpoint and start over. Rows already stored stay
+            and are updated, never duplicated.
+        builtin_api: Read the built-in API on the worker instead of the configured one.
+            It serves made-up prices: for demos and tests only.
+        market_api_block: Name of a Syncpoint Market API block (URL, key, pacing).
+            Empty: the worker's market API settings.
+        database_block: Name of a SqlAlchemy Connector block for the synced tables.
+            Empty: the worker's database.
+        checkpoint_block: Name of a Syncpoint Checkpoint Store block. Empty: checkpoints
+            are kept in the data database.
     """
     logger = get_run_logger()
     day = settings.run_date(run_date)
@@ -53,7 +85,8 @@ def daily_sync(
         batch_size=batch_size,
         concurrency=concurrency,
         price_days=price_days,
-        builtin_api=builtin_api,
+        # Off means "not asked for here": the worker's SYNCPOINT_BUILTIN_API still counts.
+        builtin_api=builtin_api or None,
         market_api_block=market_api_block,
         database_block=database_block,
         checkpoint_block=checkpoint_block,
@@ -81,7 +114,7 @@ def daily_sync(
             },
             fresh=fresh,
             logger=logger,
-            resume_hint=f"Resume with: syncpoint run {JOB} --date {day.isoformat()}",
+            resume_command=f"syncpoint run {JOB} --date {day.isoformat()}",
             retry_cooldown=config.retry_cooldown,
         ) as run:
             if run.already_complete:

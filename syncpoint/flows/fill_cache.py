@@ -10,8 +10,9 @@ progress and of checkpoints) until done, or until `max_batches` for a time-boxed
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from datetime import date
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 from prefect import get_run_logger
 
@@ -21,7 +22,7 @@ from syncpoint.core.errors import ConfigError
 from syncpoint.core.store import cached_tickers
 from syncpoint.engine.batch_map import StageRun
 from syncpoint.engine.job_run import JobRun
-from syncpoint.flows.job_flow import job_flow
+from syncpoint.flows.job_flow import UNSET, Count, Day, Switch, Text, Texts, job_flow
 from syncpoint.sources.market import PricesSource
 from syncpoint.sources.universe import Universe
 from syncpoint.tasks.universe import resolve_universe
@@ -30,30 +31,65 @@ JOB = "fill-cache"
 STAGES = ("universe", "history")
 
 
-@job_flow(JOB)
+def run_name(parameters: Mapping[str, Any]) -> str:
+    """What the run fills, as its name: "fill-cache sp500 2021-11-22..2026-11-21"."""
+    first, last = settings.history_range(parameters.get("start"), parameters.get("end"))
+    source = parameters.get("ticker_source") or "sp500"
+    if source == "custom":
+        source = f"{len(set(parameters.get('tickers') or []))} tickers"
+    return f"{JOB} {source} {first.isoformat()}..{last.isoformat()}"
+
+
+@job_flow(JOB, run_name=run_name)
 def fill_cache(
-    ticker_source: str = "sp500",
-    tickers: list[str] | None = None,
-    batch_size: int | None = None,
-    concurrency: int | None = None,
-    start: str | None = None,
-    end: str | None = None,
-    max_batches: int | None = None,
+    ticker_source: Literal["sp500", "all", "custom"] = "sp500",
+    tickers: Texts = UNSET,
+    batch_size: Count = UNSET,
+    concurrency: Count = UNSET,
+    start: Day = UNSET,
+    end: Day = UNSET,
+    max_batches: Count = UNSET,
     retry_failed: bool = False,
-    builtin_api: bool | None = None,
-    market_api_block: str | None = None,
-    database_block: str | None = None,
-    checkpoint_block: str | None = None,
+    builtin_api: Switch = False,
+    market_api_block: Text = UNSET,
+    database_block: Text = UNSET,
+    checkpoint_block: Text = UNSET,
 ) -> dict[str, Any]:
-    """Fill the price history of `ticker_source` (sp500 | all | custom with `tickers`)
-    between `start` and `end` (default: five years back to yesterday)."""
+    """Fill the daily price history of a ticker set between two dates into stock_prices.
+
+    A run is (ticker set, start, end): run it again, or press Retry, to continue it.
+    Tickers whose history is already stored are counted as done and never requested.
+
+    Args:
+        ticker_source: Which tickers: sp500 (the S&P 500), all (every ticker the API
+            lists) or custom (the tickers below).
+        tickers: With ticker_source custom: the tickers to fill, one per item.
+        batch_size: Tickers per batch (progress and checkpoints move per batch). Empty:
+            5.
+        concurrency: Requests in flight at once. Empty: the Market API block's or the
+            worker's setting, else 16.
+        start: First day of the history. Empty: five years before the end.
+        end: Last day of the history. Empty: yesterday (UTC).
+        max_batches: Stop after this many batches, for a time-boxed run; the run ends
+            partial and the next run (or Retry) continues. Empty: no limit.
+        retry_failed: Reprocess only the tickers that failed in this run before.
+        builtin_api: Read the built-in API on the worker instead of the configured one.
+            It serves made-up prices: for demos and tests only.
+        market_api_block: Name of a Syncpoint Market API block (URL, key, pacing).
+            Empty: the worker's market API settings.
+        database_block: Name of a SqlAlchemy Connector block for the synced tables.
+            Empty: the worker's database.
+        checkpoint_block: Name of a Syncpoint Checkpoint Store block. Empty: checkpoints
+            are kept in the data database.
+    """
     logger = get_run_logger()
     first, last = settings.history_range(start, end)
     max_batches = settings.positive("max_batches", max_batches)
     config = settings.resolve_fill_cache(
         batch_size=batch_size,
         concurrency=concurrency,
-        builtin_api=builtin_api,
+        # Off means "not asked for here": the worker's SYNCPOINT_BUILTIN_API still counts.
+        builtin_api=builtin_api or None,
         market_api_block=market_api_block,
         database_block=database_block,
         checkpoint_block=checkpoint_block,
@@ -71,7 +107,7 @@ def fill_cache(
             params={"ticker_source": ticker_source, "batch_size": config.batch_size},
             fresh=False,
             logger=logger,
-            resume_hint=f"Resume with the same command (run {JOB} {key}).",
+            resume_command=resume_command(ticker_source, tickers, first, last),
             reopen=retry_failed,
             retry_cooldown=config.retry_cooldown,
         ) as run,
@@ -92,6 +128,15 @@ def fill_cache(
             only=only,
         )
         return run.finish()
+
+
+def resume_command(source: str, tickers: list[str] | None, first: date, last: date) -> str:
+    """The command that continues this run (the same ticker set and range)."""
+    chosen = f" --tickers {','.join(sorted(set(tickers or [])))}" if source == "custom" else ""
+    return (
+        f"syncpoint run {JOB} --ticker-source {source}{chosen} "
+        f"--start {first.isoformat()} --end {last.isoformat()}"
+    )
 
 
 def run_key(source: str, tickers: list[str] | None, first: date, last: date) -> str:
