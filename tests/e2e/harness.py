@@ -261,6 +261,8 @@ def start_worker(server: Server, sim: MarketSimulator, **extra_env: str) -> tupl
         PREFECT_WORKER_QUERY_SECONDS="1",
         MARKET_API_URL=sim.base_url,
         SYNCPOINT_DATABASE_URL=f"sqlite:///{data_db}",
+        # The tests' ticker files are written here; a flow run reads no other folder.
+        SYNCPOINT_TICKERS_DIR=str(server.workdir),
         SYNCPOINT_FLOW_RETRIES="0",
         PREFECT_LOCAL_STORAGE_PATH=str(results),
         **extra_env,
