@@ -29,7 +29,7 @@ from pydantic.json_schema import PydanticJsonSchemaWarning
 
 from syncpoint import settings
 from syncpoint.core.errors import ConfigError, FatalApiError, SyncError
-from syncpoint.engine.job_run import is_explained
+from syncpoint.engine.job_run import explained, is_explained
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -192,7 +192,7 @@ class QuietTaskStates(logging.Filter):
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if getattr(record, "flow_name", None) not in JOB_NAMES:
+        if not _ours(record):
             return True
         if record.levelno <= logging.INFO and str(record.msg).startswith("Finished in state"):
             return False
@@ -212,13 +212,21 @@ class ExplainedFailures(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        if not isinstance(exc, SyncError) or getattr(record, "flow_name", None) not in JOB_NAMES:
+        if not isinstance(exc, SyncError) or not _ours(record):
             return True
         if is_explained(exc):
             return False
         record.msg, record.args = "%s", (str(exc),)
         record.exc_info, record.exc_text = None, None
+        explained(exc)  # said now: Prefect's engine logs it once more on its way out
         return True
+
+
+def _ours(record: logging.LogRecord) -> bool:
+    """A record of a syncpoint flow's run. The engine's outermost logger, which logs the
+    exception a deployment's run ended with a second time ("Engine execution exited
+    with unexpected exception"), is made before the flow is loaded: it says "<unknown>"."""
+    return getattr(record, "flow_name", "<unknown>") in (*JOB_NAMES, "<unknown>")
 
 
 def quiet_prefect_logs() -> None:
