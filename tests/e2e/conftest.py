@@ -9,7 +9,11 @@ tests by backend, so one server runs at a time.
 from __future__ import annotations
 
 import os
+import re
+import tempfile
+import time
 from collections.abc import Iterator
+from pathlib import Path
 from uuid import UUID
 
 import pytest
@@ -127,3 +131,40 @@ def market(stack: Stack) -> Iterator[MarketSimulator]:
     yield sim
     sim.clear_faults()
     sim.config.latency_ms = 0
+
+
+@pytest.fixture
+def screenshots(request: pytest.FixtureRequest) -> Path:
+    """Where a browser test keeps a PNG of each step it takes, for a person to look at.
+
+    Under $SYNCPOINT_E2E_SCREENSHOTS if set (CI keeps that folder), else a folder of its
+    own under the system's temporary directory (not pytest's, which keeps only its last
+    three runs); never in the repository. The session's summary prints it.
+    """
+    base = Path(os.environ.get("SYNCPOINT_E2E_SCREENSHOTS") or _SESSION_SHOTS)
+    folder = base / re.sub(r"[^A-Za-z0-9_.-]+", "-", request.node.name)
+    folder.mkdir(parents=True, exist_ok=True)
+    request.node.user_properties.append(("screenshots", str(folder)))
+    return folder
+
+
+_SESSION_SHOTS = (
+    Path(tempfile.gettempdir())
+    / "syncpoint-e2e-screenshots"
+    / (f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    shown = [
+        (report.nodeid, value)
+        for reports in terminalreporter.stats.values()
+        for report in reports
+        if getattr(report, "when", None) == "call"
+        for key, value in getattr(report, "user_properties", [])
+        if key == "screenshots"
+    ]
+    if shown:
+        terminalreporter.section("screenshots of the browser tests")
+        for nodeid, folder in shown:
+            terminalreporter.write_line(f"{nodeid}: {folder}")

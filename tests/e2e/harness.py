@@ -339,7 +339,10 @@ def collapsed_types(history: list[tuple[str, str, str]]) -> list[str]:
 
 
 def artifacts(stack: Stack, flow_run_id: UUID) -> dict[str, list[Any]]:
-    """The run's artifacts by key, each list oldest first."""
+    """The run's artifacts by key, each list oldest first (every version of a key).
+
+    Keyless ones are left out: Prefect's server keeps a failed state's data as one.
+    """
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
     with api(stack.server) as client:
@@ -348,8 +351,28 @@ def artifacts(stack: Stack, flow_run_id: UUID) -> dict[str, list[Any]]:
         )
     by_key: dict[str, list[Any]] = {}
     for artifact in sorted(found, key=lambda a: a.created):
-        by_key.setdefault(artifact.key, []).append(artifact)
+        if artifact.key is not None:
+            by_key.setdefault(artifact.key, []).append(artifact)
     return by_key
+
+
+def run_log(stack: Stack, flow_run_id: UUID) -> list[Any]:
+    """The flow run's log lines as its page lists them, oldest first."""
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.sorting import LogSort
+
+    lines: list[Any] = []
+    with api(stack.server) as client:
+        while True:  # the API hands out at most 200 lines a page
+            page = client.read_logs(
+                log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])),
+                sort=LogSort.TIMESTAMP_ASC,
+                limit=200,
+                offset=len(lines),
+            )
+            lines += page
+            if len(page) < 200:
+                return lines
 
 
 def table_rows(artifact: Any) -> list[dict[str, Any]]:

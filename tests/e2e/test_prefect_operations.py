@@ -4,8 +4,10 @@
 `prefect work-pool create`, `prefect deploy --all` from the repository root, `prefect worker
 start`, runs created through the API like the UI's "Run", `prefect flow-run retry` and
 `prefect flow-run cancel` like the UI's buttons, a SIGKILL of the flow run's process, and the
-run page in headless Chromium. The market API is the simulator; the worker writes data and
-checkpoints to a SQLite file that the tests read.
+run page in headless Chromium. One test does it all as a person does, in the browser: Custom
+run on the deployment's page, the run page while it runs, Retry after the process was
+killed. The market API is the simulator; the worker writes data and checkpoints to a SQLite
+file that the tests read.
 
 Each test uses its own run date (its own checkpoint) and its own slice of tickers.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from uuid import UUID
 
@@ -36,10 +39,12 @@ from tests.e2e.harness import (
     chromium_text,
     collapsed_types,
     engine_process,
+    flow_run,
     poll,
     prefect_cli,
     requests_per_ticker,
     retry_from_cli,
+    run_log,
     state_history,
     table_rows,
     tickers,
@@ -47,6 +52,7 @@ from tests.e2e.harness import (
     wait_final,
     wait_state,
     wait_worker_done,
+    write_tickers,
 )
 
 pytestmark = pytest.mark.slow
@@ -154,8 +160,16 @@ def test_deploy_then_run_through_the_api(
     assert schedule.active
     assert (schedule.schedule.cron, schedule.schedule.timezone) == ("0 5 * * *", "UTC")
 
+    # The Custom run form's schema, as the server keeps it: one described field each.
+    fields = deployment.parameter_openapi_schema["properties"]
+    assert fields["run_date"]["format"] == "date"
+    for name, field in fields.items():
+        assert field.get("description"), (name, field)
+        assert "anyOf" not in field, (name, field)
+
     run, missing = basic_run.run, basic_run.missing
     assert run.state.is_completed(), _ok(stack, run)
+    assert run.name == f"daily-sync {BASIC_DATE}"  # named after what it syncs
     assert run.deployment_id == stack.deployment_id
     assert run.run_count == 1
     history = state_history(stack, basic_run.id)
@@ -260,13 +274,199 @@ def test_the_run_page_in_headless_chromium(
     assert "Progress: 100%" in page, page
 
 
+# --- a person at the Prefect UI: run, watch, a crash, Retry ---------------------------------
+
+BROWSER_DATE = "2026-11-25"
+PROGRESS_KEY, SUMMARY_KEY = "daily-sync-progress", "daily-sync-summary"
+
+
+def _the_run_submitted(stack: Stack, run_date: str) -> UUID | None:
+    """The deployment's run for `run_date` that was started now (the nightly schedule's
+    runs lie ahead: months of them)."""
+    from datetime import UTC, datetime, timedelta
+
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterId,
+        FlowRunFilter,
+        FlowRunFilterExpectedStartTime,
+    )
+
+    soon = datetime.now(UTC) + timedelta(minutes=5)
+    with api(stack.server) as client:
+        runs = client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[stack.deployment_id])),
+            flow_run_filter=FlowRunFilter(
+                expected_start_time=FlowRunFilterExpectedStartTime(before_=soon)
+            ),
+        )
+    found = [r.id for r in runs if (r.parameters or {}).get("run_date") == run_date]
+    return found[0] if found else None
+
+
+@SQLITE_ONLY
+def test_a_person_runs_watches_and_retries_a_killed_run_in_the_browser(
+    stack: Stack, market: MarketSimulator, screenshots: Path, tmp_path: Path
+) -> None:
+    """The whole story in headless Chromium, clicking where a person clicks: the
+    deployment's page and its Custom run form, the run page while the run works, the run
+    page after its process was killed, Retry, and the run page when the retry is done.
+    A screenshot of each step is kept (the session's summary prints the folder).
+    """
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is missing: apt-get install -y chromium (.ci/run does)")
+    from tests.e2e.browser import browser
+
+    # Slow enough (two requests in flight, 250 ms each) that the run is still working
+    # while the page is read and when its process is killed: ~10 s a stage.
+    market.config.latency_ms = 250
+    symbols = tickers(market, 400, 480)
+    path = write_tickers(stack, "browser", symbols)
+    ui, ledger = stack.server.ui_url, Ledger(stack.data_db)
+
+    with browser(tmp_path / "chromium", screenshots) as page:
+        # The deployment says what it does and when, in its own words.
+        page.goto(f"{ui}/deployments/deployment/{stack.deployment_id}")
+        page.wait_text("market-nightly")
+        page.click(r"^Description$")
+        page.wait_text(r"Every day at 05:00 UTC")
+        page.screenshot("deployment")
+
+        # Custom run: every parameter described, one field each, a date picker for dates.
+        page.click(r"^Run$")
+        page.click(r"^Custom run$")
+        form = page.wait_text(r"Submit").string
+        assert "Property is type" not in form, form
+        for described in (
+            "The day to sync",
+            "Tickers per batch",
+            "Requests in flight at once",
+            "Stop each stage after this many tickers",
+            "Name of a Syncpoint Market API block",
+        ):
+            assert described in form, form
+        assert page.parameter("run_date")["type"] == "date"
+        assert page.parameter("batch_size")["type"] == "number"
+        page.screenshot("custom-run-form")
+        page.fill_parameter("run_date", "11252026")  # mm dd yyyy, as typed
+        page.fill_parameter("tickers_file", str(path))
+        page.fill_parameter("batch_size", str(BATCH))
+        page.fill_parameter("concurrency", "2")
+        page.screenshot("custom-run-filled")
+        page.click(r"^Submit$")
+        # The form goes back to the deployment's runs once the server took the run.
+        page.wait(
+            "the form to be submitted",
+            lambda: "/run" not in page.evaluate("location.pathname"),
+        )
+        page.screenshot("submitted")
+        run_id = poll(
+            "the run the form submitted",
+            lambda: _the_run_submitted(stack, BROWSER_DATE),
+            60,
+            context=stack.logs,
+        )
+        started = flow_run(stack, run_id)
+        assert started.parameters["batch_size"] == BATCH
+        assert started.parameters["concurrency"] == 2
+
+        # While it runs: named after what it syncs, one bar and one summary on its page.
+        poll(
+            "20 tickers stored",
+            lambda: len(ledger.items(BROWSER_DATE, "prices")) >= 20,
+            180,
+            context=stack.logs,
+        )
+        page.goto(f"{ui}/runs/flow-run/{run_id}")
+        page.wait_text(rf"daily-sync {BROWSER_DATE}")
+        page.wait_text(r"Running")
+        page.wait_text(r"prices: \d+/80 settled")  # a progress line in the run's log
+        page.scroll_to(r"^prices: \d+/80 settled")
+        page.screenshot("running-log")
+        page.click(r"^Artifacts$")
+        page.wait_text(PROGRESS_KEY)
+        page.wait_text(SUMMARY_KEY)
+        page.screenshot("running-artifacts")
+        now = artifacts(stack, run_id)
+        assert set(now) == {PROGRESS_KEY, SUMMARY_KEY}, now
+        (bar,) = now[PROGRESS_KEY]
+        (summary,) = now[SUMMARY_KEY]
+        assert 0 < float(bar.data) < 100, bar.data
+        assert summary.data.startswith(f"# daily-sync {BROWSER_DATE}: running"), summary.data
+
+        # The flow run's process dies (SIGKILL): the worker reports it Crashed.
+        engine_process(stack, run_id).kill()
+        crashed = wait_final(stack, run_id, timeout=120)
+        assert crashed.state.is_crashed(), _ok(stack, crashed)
+        done_at_kill = {s: ledger.items(BROWSER_DATE, s) for s in ("prices", "valuations")}
+        assert len(done_at_kill["valuations"]) < len(symbols)
+        wait_worker_done(stack, run_id, attempts=1)  # see test_a_crashed_run_retried...
+        page.goto(f"{ui}/runs/flow-run/{run_id}")
+        page.wait_text(r"Crashed")
+        page.screenshot("crashed")
+
+        # Retry, from the run page, as a person does it.
+        market.config.latency_ms = 0
+        market.reset_stats()
+        page.click(r"^Retry$")
+        page.click(r"^Retry$", scope="[role=dialog]")
+        page.screenshot("retry-pressed")
+        final = wait_final(stack, run_id)
+        assert final.state.is_completed(), _ok(stack, final)
+        page.goto(f"{ui}/runs/flow-run/{run_id}")
+        page.wait_text(r"Completed")
+        page.wait_text(rf"daily-sync {BROWSER_DATE} completed in [\d.]+ s \(resumed\)")
+        page.scroll_to(r"^Finished in state Completed")
+        page.screenshot("retried-log")
+        page.click(r"^Artifacts$")
+        page.wait_text(r"\(attempt 2\)")  # the cards' descriptions name the attempt
+        page.screenshot("retried-artifacts")
+        after = artifacts(stack, run_id)
+        assert set(after) == {PROGRESS_KEY, SUMMARY_KEY}, after  # nothing failed
+        (bar,) = after[PROGRESS_KEY]
+        (summary,) = after[SUMMARY_KEY]
+        page.goto(f"{ui}/artifacts/artifact/{summary.id}")
+        page.wait_text(r"Attempt 2 of this flow run \(a retry\); attempt 1 ended Crashed")
+        page.screenshot("retried-summary")
+
+    # The page is the retry's: a full bar, and figures that replace the killed attempt's.
+    assert float(bar.data) == 100.0
+    assert summary.data.startswith(f"# daily-sync {BROWSER_DATE}: completed")
+    status, recorded = ledger.run(BROWSER_DATE)
+    assert (status, recorded["resumed"]) == ("completed", True)
+    # Honest figures: the requests the retry reports are the requests the API received;
+    # batches the killed attempt had fetched came back from the task cache instead.
+    assert recorded["requests"] == market.stats()["requests"], (recorded, market.stats())
+    for stage, endpoint in (("prices", PRICES), ("valuations", DCF)):
+        sent = requests_per_ticker(market, symbols, endpoint)
+        assert not {t for t, n in sent.items() if n} & done_at_kill[stage]  # done: not again
+        figures = next(s for s in recorded["stages"] if s["name"] == stage)
+        assert figures["requests"] == sum(sent.values()), (stage, figures, sent)
+        left = len(symbols) - len(done_at_kill[stage])
+        # Every ticker left was fetched now or given back by the cache, none twice.
+        assert set(sent.values()) <= {0, 1}, sent
+        assert sum(sent.values()) + BATCH * figures["batches_reused"] >= left
+        assert figures["batches_reused"] <= unmarked_batches_at_most(CONCURRENCY, BATCH)
+    assert_every_ticker_synced(stack, symbols)
+
+    # The log: no per-task state lines, and the last word is the run's own summary, then
+    # Prefect's state line.
+    log = run_log(stack, run_id)
+    assert not [e for e in log if e.task_run_id and e.message.startswith("Finished in state")]
+    said = [e.message for e in log if e.task_run_id is None]
+    assert said[-1] == "Finished in state Completed()", said[-3:]
+    assert said[-2].startswith(f"daily-sync {BROWSER_DATE} completed in "), said[-3:]
+    assert f"{recorded['requests']} API requests" in said[-2]
+
+
 # --- failure, crash and cancellation, each followed by a retry that resumes ----------------
 
-FAILED_DATE, CRASHED_DATE, CANCELLED_DATE, AUTO_RETRY_DATE = (
+FAILED_DATE, CRASHED_DATE, CANCELLED_DATE, AUTO_RETRY_DATE, REFUSED_DATE = (
     "2026-11-21",
     "2026-11-22",
     "2026-11-23",
     "2026-11-24",
+    "2026-11-26",
 )
 
 
@@ -388,10 +588,14 @@ def test_a_crashed_run_retried_refetches_at_most_two_batches(
     assert status == "completed", summary
     assert summary["resumed"], summary
     assert_every_ticker_synced(stack, symbols)
-    # The retry's bar is the newest; the killed attempt's bar stays where it died.
+    # The retry took over the killed attempt's bar and summary: one of each, the retry's.
     page = artifacts(stack, run_id)
-    assert float(page["daily-sync-progress"][-1].data) == 100.0
-    assert page["daily-sync-summary"][-1].data.startswith(f"# daily-sync {CRASHED_DATE}: completed")
+    assert set(page) == {"daily-sync-progress", "daily-sync-summary"}
+    (progress,) = page["daily-sync-progress"]
+    (summary,) = page["daily-sync-summary"]
+    assert float(progress.data) == 100.0
+    assert summary.data.startswith(f"# daily-sync {CRASHED_DATE}: completed")
+    assert "attempt 1 ended Crashed" in summary.data
 
 
 @SQLITE_ONLY
@@ -428,6 +632,21 @@ def test_a_cancelled_run_stops_cleanly_and_its_retry_refetches_nothing(
         assert summary["totals"][stage]["done"] == len(done[stage])  # flushed as it stopped
         assert done[stage] <= ledger.tickers_in(table)  # marks never ahead of the data
 
+    # The run's own log says what happened, in the UI's terms, as it happened and at the end.
+    by_cancel = "Cancel on this run's page (or `prefect flow-run cancel`)"
+    said = [e.message for e in run_log(stack, run_id) if e.task_run_id is None]
+    (announced,) = [m for m in said if m.startswith(f"{by_cancel}: no new batch starts")]
+    # Counted when the Cancel came: the batches in flight were done after it.
+    told = re.search(r"Press Retry on this run to continue \(it skips the (\d+) items", announced)
+    assert told, announced
+    assert 10 <= int(told[1]) <= len(done["prices"]) + len(done["valuations"])
+    (last,) = [m for m in said if m.startswith(f"daily-sync {CANCELLED_DATE} partial")]
+    assert f"Stopped by {by_cancel}." in last, last
+    assert "syncpoint run" not in last  # no shell command for a run started from the UI
+    assert summary["stopped_by"] == by_cancel
+    (page,) = artifacts(stack, run_id)["daily-sync-summary"]
+    assert f"Stopped by {by_cancel}." in page.data
+
     market.config.latency_ms = 0
     retry_from_cli(stack, run_id)  # `prefect flow-run retry` accepts a Cancelled run
     final = wait_final(stack, run_id)
@@ -452,34 +671,79 @@ def test_a_cancelled_run_stops_cleanly_and_its_retry_refetches_nothing(
 
 
 @SQLITE_ONLY
-def test_an_automatic_flow_retry_resumes(stack: Stack, market: MarketSimulator) -> None:
-    """SYNCPOINT_FLOW_RETRIES (the flow decorator's retries) in the run's environment: the
-    API rejects the key, Prefect waits AwaitingRetry, the retry resumes and completes.
+def test_an_automatic_flow_retry_resumes_what_failed_transiently(
+    stack: Stack, market: MarketSimulator
+) -> None:
+    """SYNCPOINT_FLOW_RETRIES (the flow decorator's retries) in the run's environment: two
+    tickers the API answers 500 past their retries and the stage's second pass leave the
+    run partial, which fails the Prefect run; Prefect waits AwaitingRetry, and the retry
+    fetches those two tickers only.
     """
     symbols = tickers(market, 300, 340)
-    market.set_global_fault(FaultKind.UNAUTHORIZED)
+    flaky = symbols[12:14]
+    for ticker in flaky:
+        market.set_fault(ticker, FaultKind.SERVER_ERROR)
     run_id = trigger(
         stack,
         AUTO_RETRY_DATE,
         symbols,
         batch_size=BATCH,
-        env={"SYNCPOINT_FLOW_RETRIES": "1", "SYNCPOINT_FLOW_RETRY_DELAY_SECONDS": "6"},
+        env={
+            "SYNCPOINT_FLOW_RETRIES": "1",
+            "SYNCPOINT_FLOW_RETRY_DELAY_SECONDS": "6",
+            "SYNCPOINT_RETRY_COOLDOWN_SECONDS": "0.5",
+        },
     )
-    wait_state(stack, run_id, lambda s: s.name == "AwaitingRetry", "AwaitingRetry", 120)
-    market.clear_global_fault()
+    wait_state(stack, run_id, lambda s: s.name == "AwaitingRetry", "AwaitingRetry", 240)
+    market.clear_faults()
     final = wait_final(stack, run_id)
     assert final.state.is_completed(), _ok(stack, final)
     names = [n for _, n, _ in state_history(stack, run_id)]
     assert "AwaitingRetry" in names, names
     assert names[-1] == "Completed", names
 
-    prices = requests_per_ticker(market, symbols, PRICES)
-    # Only requests already in flight when the first 401 came back met the refusal: they
-    # belong to the batches being fetched then (as many as fill the request slots, the
-    # next ones queued from the start). Everything after those was fetched once.
-    in_flight = fetches_in_flight(CONCURRENCY, BATCH) * BATCH
-    assert all(n == 1 for n in list(prices.values())[in_flight:]), prices
-    assert all(n <= 2 for n in prices.values()), prices
-    assert set(requests_per_ticker(market, symbols, DCF).values()) == {1}
+    for endpoint in (PRICES, DCF):
+        requests = requests_per_ticker(market, symbols, endpoint)
+        assert {t: n for t, n in requests.items() if n != 1} == {t: requests[t] for t in flaky}, (
+            requests
+        )  # every other ticker was fetched once, in the first attempt
+        assert all(requests[t] > 2 for t in flaky), requests
     assert Ledger(stack.data_db).run(AUTO_RETRY_DATE)[0] == "completed"
     assert_every_ticker_synced(stack, symbols)
+
+
+@SQLITE_ONLY
+def test_a_refused_key_fails_once_explained_without_automatic_retries(
+    stack: Stack, market: MarketSimulator
+) -> None:
+    """The API refuses the key: waiting five minutes would change nothing, so the run fails
+    at once despite SYNCPOINT_FLOW_RETRIES, and its log says so in a few lines, without a
+    traceback, counting the request the refusal answered."""
+    symbols = tickers(market, 340, 360)
+    market.set_global_fault(FaultKind.UNAUTHORIZED)
+    try:
+        run_id = trigger(
+            stack,
+            REFUSED_DATE,
+            symbols,
+            batch_size=BATCH,
+            env={"SYNCPOINT_FLOW_RETRIES": "2", "SYNCPOINT_FLOW_RETRY_DELAY_SECONDS": "6"},
+        )
+        final = wait_final(stack, run_id)
+    finally:
+        market.clear_global_fault()
+    assert final.state.is_failed(), _ok(stack, final)
+    names = [n for _, n, _ in state_history(stack, run_id)]
+    assert "AwaitingRetry" not in names, names
+
+    sent = market.stats()["requests"]
+    # Only what was in flight met the refusal: the slots bound it, and so do the batches.
+    assert 1 <= sent <= min(CONCURRENCY, fetches_in_flight(CONCURRENCY, BATCH) * BATCH)
+    log = run_log(stack, run_id)
+    assert not [e.message for e in log if "Traceback" in e.message], log
+    said = [e.message for e in log if e.task_run_id is None]
+    (last,) = [m for m in said if m.startswith(f"daily-sync {REFUSED_DATE} failed")]
+    assert f"{sent} API requests" in last, (last, sent)
+    assert any("Not retried automatically" in m for m in said), said
+    status, summary = Ledger(stack.data_db).run(REFUSED_DATE)
+    assert (status, summary["requests"]) == ("failed", sent)
