@@ -13,13 +13,12 @@ few records read twice; how many, and how many of them were new, is reported.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime, timedelta
-from typing import Any, cast
-
-from prefect.utilities.annotations import quote
+from typing import Any
 
 from syncpoint.blocks.dip_api import DipApi
 from syncpoint.core.db import Database
@@ -31,13 +30,18 @@ from syncpoint.engine.job_run import JobRun
 from syncpoint.sources.documents import Window
 from syncpoint.tasks.segments import (
     LoopGuard,
+    PageReader,
+    PageWalker,
     Segment,
-    fetch_segment,
-    store_segment,
+    store_segments,
     stored_versions,
 )
 
 FRESH, RESUME, RETRY = "fresh start", "checkpoint resume", "retry"
+PROGRESS_LOG_SECONDS = 5.0
+# A store task stores the segments that come for about this long: one task run per
+# checkpoint would cost more CPU than the records' upserts.
+STORE_TASK_SECONDS = 10.0
 
 
 @dataclass
@@ -164,66 +168,108 @@ def stream(
     max_records: int,
     max_seconds: float,
     on_checkpoint: Callable[[StreamPosition, Segment], None],
+    log: logging.Logger | logging.LoggerAdapter[logging.Logger],
 ) -> StageRun:
-    """Read the window from the position's cursor to its end (or a stop), checkpointing."""
+    """Read the window from the position's cursor to its end (or a stop), checkpointing.
+
+    Pages are read ahead on the walker's thread while the segments before them are
+    stored, never more than `max_records` records beyond the last checkpoint: a crash
+    re-reads at most that many. So that reading never waits for storing, a checkpoint is
+    written every half of it.
+    """
     ran = StageRun()
-    guard = LoopGuard(position.cursor, position.pages, position.page_size, position.num_found_max)
+    guard = LoopGuard(
+        position.cursor,
+        position.pages,
+        position.page_size,
+        position.num_found_max,
+        position.num_found_start,
+        position.records + position.rejected,
+    )
     window = Window(position.window_start, position.window_end)
-    overlap_until = _instant(position.overlap_until)
-    while not position.finished and not position.guard and not stop.requested:
-        segment = cast(
-            Segment,
-            fetch_segment.submit(
-                api,
+    walk = (entity, window, position.cursor, guard, stop)
+    with (
+        PageReader(api) as reader,
+        PageWalker(reader, *walk, budget=max_records, log=log) as walker,
+    ):
+        saver = _Checkpointer(position, data, entity, ran, on_checkpoint)
+        while not position.finished and not position.guard and not walker.finished:
+            store_segments.submit(
+                data,
+                checkpoints,
+                run_id,
                 entity,
-                window,
-                position.cursor,
-                guard,
-                max_records,
+                walker,
+                saver,
+                max(1, max_records // 2),
                 max_seconds,
-                stop,
-            ).result(),
-        )
-        guard = segment.guard or guard
-        position.cursor = segment.cursor
-        position.pages += segment.pages
-        position.records += len(segment.rows)
-        position.rejected += segment.rejected
-        position.total_records += len(segment.rows)
-        position.checkpoints += 1
-        position.page_size, position.num_found_max = guard.page_size, guard.most_found
-        if segment.num_found is not None:
-            position.num_found = segment.num_found
-            if position.num_found_start is None:
-                position.num_found_start = segment.num_found
-        newest = max((r["aktualisiert"] for r in segment.rows), default=None)
-        if newest is not None:
-            stamp = newest.astimezone(UTC).isoformat()
-            position.newest = max(position.newest or stamp, stamp, key=_instant_key)
-        if overlap_until is not None:
-            _count_overlap(position, segment.rows, overlap_until, data, entity)
+                STORE_TASK_SECONDS,
+            ).result()
+        if walker.error is not None and not position.finished:
+            raise walker.error  # after every page read before it was stored
+    return ran
+
+
+class _Checkpointer:
+    """The stream's side of store_segments: the position saved with each segment, and
+    the bookkeeping once it is committed."""
+
+    def __init__(
+        self,
+        position: StreamPosition,
+        data: Database,
+        entity: str,
+        ran: StageRun,
+        on_checkpoint: Callable[[StreamPosition, Segment], None],
+    ) -> None:
+        self.position, self.data, self.entity, self.ran = position, data, entity, ran
+        self.on_checkpoint = on_checkpoint
+        self.overlap_until = _instant(position.overlap_until)
+        self._next: StreamPosition | None = None
+
+    def position_after(self, segment: Segment) -> dict[str, Any]:
+        after = StreamPosition.from_dict(self.position.to_dict())
+        _advance(after, segment, segment.guard_state)
+        if self.overlap_until is not None:
+            _count_overlap(after, segment.rows, self.overlap_until, self.data, self.entity)
         if segment.stuck:
             # Ends this window without moving the watermark: the next run reads it again.
-            position.guard = segment.stuck
+            after.guard = segment.stuck
         elif segment.done:
             # The window is complete, also when it delivered fewer records than numFound
-            # says: those surfaced (or changed) behind the cursor while the stream ran, and
-            # the next window's overlap reads them.
-            position.finished, position.watermark, position.cursor = True, window.end, None
-        ran.requests += segment.requests
-        ran.rows_written += store_segment.submit(
-            data,
-            checkpoints,
-            run_id,
-            entity,
-            # quote(): Prefect would otherwise walk every record of the segment looking
-            # for futures to wait on, which costs more than storing them.
-            cast(list[dict[str, Any]], quote(segment.rows)),
-            position.to_dict(),
-        ).result()
-        ran.items_processed += len(segment.rows)
-        on_checkpoint(position, segment)
-    return ran
+            # says: those surfaced (or changed) behind the cursor while the stream ran,
+            # and the next window's overlap reads them.
+            after.finished, after.watermark, after.cursor = True, after.window_end, None
+        self._next = after
+        return after.to_dict()
+
+    def stored(self, segment: Segment, rows_written: int) -> None:
+        assert self._next is not None
+        for name, value in self._next.to_dict().items():
+            setattr(self.position, name, value)
+        self.ran.requests += segment.requests
+        self.ran.rows_written += rows_written
+        self.ran.items_processed += len(segment.rows)
+        self.on_checkpoint(self.position, segment)
+
+
+def _advance(position: StreamPosition, segment: Segment, guard: tuple[int, int]) -> None:
+    """The position after the segment's records: cursor, counts, numFound, newest."""
+    position.cursor = segment.cursor
+    position.pages += segment.pages
+    position.records += len(segment.rows)
+    position.rejected += segment.rejected
+    position.total_records += len(segment.rows)
+    position.checkpoints += 1
+    position.page_size, position.num_found_max = guard
+    if segment.num_found is not None:
+        position.num_found = segment.num_found
+        if position.num_found_start is None:
+            position.num_found_start = segment.num_found
+    newest = max((r["aktualisiert"] for r in segment.rows), default=None)
+    if newest is not None:
+        stamp = newest.astimezone(UTC).isoformat()
+        position.newest = max(position.newest or stamp, stamp, key=_instant_key)
 
 
 def _count_overlap(
@@ -276,8 +322,15 @@ def run_stream(
         cursor_note,
     )
     began, records_before = time.monotonic(), position.records
+    logged = [0.0]
 
     def progress(pos: StreamPosition, seg: Segment) -> None:
+        # A line per checkpoint would be thousands on a first full sync: one every few
+        # seconds, and always the last.
+        now = time.monotonic()
+        if now - logged[0] < PROGRESS_LOG_SECONDS and not (seg.done or seg.stuck):
+            return
+        logged[0] = now
         run.logger.info(
             "%s: checkpoint %d: %d records of %s this window, %d pages%s",
             entity,
@@ -305,6 +358,7 @@ def run_stream(
             max_records=max_records,
             max_seconds=max_seconds,
             on_checkpoint=progress,
+            log=run.logger,
         ),
     )
     summary = run.finish(incomplete=f"loop guard: {position.guard}" if position.guard else None)

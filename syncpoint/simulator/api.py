@@ -261,6 +261,7 @@ class MarketApi:
         self, endpoint: str, path: str, query: dict[str, str], authorization: str | None
     ) -> Response:
         entity = endpoint.removeprefix(DIP_ENDPOINT_PREFIX)
+        self.dip.arrived(entity)  # upstream changes planned for this request happen first
         if self.config.latency_ms:
             time.sleep(self.config.latency_ms / 1000)
         global_fault, entity_fault = self.faults.active(entity)

@@ -495,8 +495,6 @@ class DipData:
         cursor = query.get("cursor") or None
         after = decode_cursor(cursor) if cursor not in (None, INITIAL_CURSOR) else None
         matches = _Filter.of(query)
-        for action in self._due(entity):
-            action()  # outside the lock: actions are update()/add() calls that take it
         with self._lock:
             state = self._entity(entity)
             now = self.now()
@@ -588,8 +586,9 @@ class DipData:
             return added
 
     def plan(self, entity: str, after_requests: int, action: Callable[[], object]) -> None:
-        """Run ``action`` (e.g. an update or add) just before answering the entity's
-        request number ``after_requests + 1``: a change landing mid-stream, on cue."""
+        """Run ``action`` (e.g. an update, an add, arming a fault) as the entity's request
+        number ``after_requests + 1`` (counted from now) arrives, before it is looked at: a
+        change landing mid-stream, on cue."""
         if after_requests < 0:
             raise ValueError("after_requests must be >= 0")
         with self._lock:
@@ -624,14 +623,15 @@ class DipData:
             self._entities[entity] = state
         return state
 
-    def _due(self, entity: str) -> list[Callable[[], object]]:
-        """Count this request; the planned actions due before it is answered."""
+    def arrived(self, entity: str) -> None:
+        """A request for the entity arrived: count it and run the actions planned for it."""
         with self._lock:
             state = self._entity(entity)
             due = [action for n, action in state.planned if n <= state.requests]
             state.planned = [(n, a) for n, a in state.planned if n > state.requests]
             state.requests += 1
-        return due
+        for action in due:
+            action()  # outside the lock: actions are update()/add() calls that take it
 
     def _when(
         self, now: datetime, at: datetime | None, visible_at: datetime | None

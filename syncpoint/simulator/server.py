@@ -264,9 +264,10 @@ class MarketSimulator:
         self.dip.advance(timedelta(seconds=seconds))
 
     def dip_plan(self, entity: str, after_requests: int, action: Callable[[], object]) -> None:
-        """Run ``action`` (e.g. ``lambda: sim.dip_add(...)``) just before the entity's
-        request number ``after_requests + 1`` (counted from now) is answered: an upstream
-        change that lands in the middle of a stream, at a known page."""
+        """Run ``action`` (e.g. ``lambda: sim.dip_add(...)``, or arming a fault) as the
+        entity's request number ``after_requests + 1`` (counted from now) arrives, before
+        anything else looks at it: an upstream change in the middle of a stream, at a known
+        page."""
         self.dip.plan(entity, after_requests, action)
 
     def dip_key_forms(self) -> dict[str, int]:

@@ -310,14 +310,38 @@ def test_the_page_bound_follows_num_found_as_it_grows() -> None:
     guard = LoopGuard()
     guard.check(None, "c0", ids(0, 100), 1_000)
     before = guard.page_limit()
-    guard.check("c0", "c1", ids(100, 100), 50_000)
+    guard.check("c0", "c1", ids(100, 100), 1_060)  # 60 records surfaced meanwhile
     after = guard.page_limit()
 
-    assert (before, after) == (10 + 1 + 10 + 1, 500 + 1 + 10 + 11)
+    assert (before, after) == (10 + 1 + 10 + 1, 11 + 1 + 10 + 1)
+    assert guard.allowed() == 1_060
 
 
-def test_a_resumed_window_keeps_its_page_count() -> None:
-    guard = LoopGuard("c41", pages=41, page_size=100, most_found=4_000)
+def test_growth_counts_only_up_to_half_the_records_read() -> None:
+    # numFound jumps to 50,000 after 200 records: credited 100 of its growth, not 49,000.
+    guard = LoopGuard()
+    guard.check(None, "c0", ids(0, 100), 1_000)
+    guard.check("c0", "c1", ids(100, 100), 50_000)
+
+    assert guard.allowed() == 1_000 + 100
+    assert guard.page_limit() == 11 + 1 + 10 + 1
+
+
+def test_num_found_that_grows_as_fast_as_the_reading_ends_the_window() -> None:
+    # Every page brings new records, and numFound a page more: the end never comes nearer.
+    guard = LoopGuard()
+    reasons = [
+        guard.check(f"c{n}", f"c{n + 1}", ids(n * 10, 10), 30 + (n + 1) * 10)[1] for n in range(200)
+    ]
+
+    tripped = next(n for n, reason in enumerate(reasons) if reason)
+    assert tripped < 50
+    assert "pages read, more than numFound" in str(reasons[tripped])
+
+
+def test_a_resumed_window_keeps_what_bounds_it() -> None:
+    guard = LoopGuard("c41", pages=41, page_size=100, most_found=4_000, first_found=4_000,
+                      delivered=4_100)  # fmt: skip
 
     assert guard.page_limit() == 41 + 10 + 1
     assert guard.check("c41", "c41", [], 4_000) == (True, None)  # the saved cursor's end
