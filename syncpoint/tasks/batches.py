@@ -101,6 +101,9 @@ async def fetch_batch(
     runs on its loop and reuses its connections. Without it, the batch opens a client of
     its own (pools, connections and SSL context for this batch alone).
     """
+    # Taken here, in the task's context: the items may run on the stage client's own
+    # thread and loop, where Prefect has no run context to find a logger in.
+    logger = get_run_logger()
 
     async def one(
         client: ApiClient, pending: PendingItem
@@ -128,7 +131,7 @@ async def fetch_batch(
                 # A bug, or an answer nothing above foresaw: it costs this item, not the
                 # batch or the run. Permanent: the same answer would fail the same way.
                 reason = unexpected(exc)
-                get_run_logger().warning("%s: %s", item, reason)
+                logger.warning("%s: %s", item, reason)
                 return [], ItemOutcome.failed(item, ErrorKind.PERMANENT, reason)
 
     async def every_item(
