@@ -3,10 +3,13 @@
     scripts/bench                 # all six cases, about 10 minutes on 2 cores
     scripts/bench --quick         # smaller sizes, one repetition: a smoke run (< 2 minutes)
     scripts/bench --case 5        # one case (repeat --case for several)
+    scripts/bench --case 7 --record   # one case, and its section of BENCHMARKS.md
 
 A full run of every case writes BENCHMARKS.md at the repository root; a quick or partial
 run writes bench/results/BENCHMARKS-quick.md or -partial.md, so the recorded figures are
-only ever replaced by a full run.
+only ever replaced by a full run, or, case by case, by a run with --record: it replaces
+(or adds) the selected cases' sections and summary rows in BENCHMARKS.md, each section
+saying when and on which code it was measured, and leaves every other section as it was.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -27,6 +31,7 @@ from bench.cases import (
     bulk_write,
     checkpoint_overhead,
     crash_redo,
+    full_sync,
     noop_rerun,
     rate_limited,
     throughput,
@@ -50,10 +55,11 @@ CASES: dict[int, tuple[str, Case]] = {
     4: ("Crash redo", crash_redo.run),
     5: ("Bulk write", bulk_write.run),
     6: ("Checkpoint overhead", checkpoint_overhead.run),
+    7: ("First full sync at scale (DIP)", full_sync.run),
 }
 # Case 5 needs no Prefect: run between the Prefect-heavy case 3 and the rest, which gives
 # the server time to digest case 3's thousands of task-run events.
-ORDER = (1, 2, 3, 5, 4, 6)
+ORDER = (1, 2, 3, 5, 4, 6, 7)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -76,6 +82,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--output", type=Path, help="where to write the report")
     parser.add_argument(
+        "--record",
+        action="store_true",
+        help="also write the selected cases' sections into BENCHMARKS.md (not with --quick)",
+    )
+    parser.add_argument(
         "--prefect-api-url",
         help="use this Prefect server instead of starting one (e.g. http://127.0.0.1:4200/api)",
     )
@@ -93,11 +104,15 @@ def command_line(args: argparse.Namespace) -> str:
         parts += ["--reps", str(args.reps)]
     if args.bulk_rows_all:
         parts.append("--bulk-rows-all")
+    if args.record:
+        parts.append("--record")
     return " ".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.record and args.quick:
+        raise SystemExit("scripts/bench: --record keeps full-size figures only; drop --quick")
     selected = [n for n in ORDER if not args.case or n in args.case]
     full = (
         not args.quick and len(selected) == len(CASES) and not args.reps and not args.bulk_rows_all
@@ -151,7 +166,54 @@ def main(argv: list[str] | None = None) -> int:
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(markdown(results, info, command_line(args)))
     print(f"\ntotal {info['seconds'] / 60:.1f} min; report written to {output}")
+    if args.record and not full:
+        recorded = ROOT / "BENCHMARKS.md"
+        record_sections(recorded, results, info, command_line(args))
+        print(f"case(s) {', '.join(str(r.number) for r in results)} recorded in {recorded}")
     return 1 if any(r.error for r in results) else 0
+
+
+def record_sections(
+    path: Path, results: list[CaseResult], info: dict[str, Any], command: str
+) -> None:
+    """Put these cases' sections and summary rows into the report at `path`, replacing
+    their earlier ones; the rest of the report is kept as it is."""
+    text = path.read_text() if path.exists() else markdown([], info, command)
+    dirty = f" with uncommitted changes to {', '.join(info['changed'])}" if info["changed"] else ""
+    for result in results:
+        own = markdown([result], info, command)
+        section = own[own.index(f"\n## {result.number}. ") + 1 :].rstrip("\n")
+        heading_end = section.index("\n")
+        provenance = (
+            f"\n\n_Recorded on its own by `{command}` on {info['date']} (syncpoint code of "
+            f"commit {info['commit']}{dirty}; {info['nproc']} CPUs; load average "
+            f"{info['load']} at its start); the header above describes the full run that "
+            "wrote the other sections._"
+        )
+        section = section[:heading_end] + provenance + section[heading_end:]
+        row = next(line for line in own.splitlines() if line.startswith(f"| {result.number} |"))
+        text = _replace_row(text, result.number, row)
+        text = _replace_section(text, result.number, section)
+    path.write_text(text.rstrip("\n") + "\n")
+
+
+def _replace_row(text: str, number: int, row: str) -> str:
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith(f"| {number} |"):
+            lines[i] = row
+            return "\n".join(lines) + "\n"
+    # A new case: after the last row of the summary table.
+    last = max(i for i, line in enumerate(lines) if re.match(r"\| \d+ \|", line))
+    lines.insert(last + 1, row)
+    return "\n".join(lines) + "\n"
+
+
+def _replace_section(text: str, number: int, section: str) -> str:
+    match = re.search(rf"^## {number}\. .*?(?=^## |\Z)", text, flags=re.M | re.S)
+    if match is None:
+        return text.rstrip("\n") + "\n\n" + section + "\n"
+    return text[: match.start()] + section + "\n\n" + text[match.end() :].lstrip("\n")
 
 
 @contextlib.contextmanager
