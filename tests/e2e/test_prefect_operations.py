@@ -277,6 +277,7 @@ def test_the_run_page_in_headless_chromium(
 # --- a person at the Prefect UI: run, watch, a crash, Retry ---------------------------------
 
 BROWSER_DATE = "2026-11-25"
+BROWSER_CONCURRENCY = 2  # two requests in flight: the run lasts while the page is read
 PROGRESS_KEY, SUMMARY_KEY = "daily-sync-progress", "daily-sync-summary"
 
 
@@ -351,7 +352,7 @@ def test_a_person_runs_watches_and_retries_a_killed_run_in_the_browser(
         page.fill_parameter("run_date", "11252026")  # mm dd yyyy, as typed
         page.fill_parameter("tickers_file", str(path))
         page.fill_parameter("batch_size", str(BATCH))
-        page.fill_parameter("concurrency", "2")
+        page.fill_parameter("concurrency", str(BROWSER_CONCURRENCY))
         page.screenshot("custom-run-filled")
         page.click(r"^Submit$")
         # The form goes back to the deployment's runs once the server took the run.
@@ -368,7 +369,7 @@ def test_a_person_runs_watches_and_retries_a_killed_run_in_the_browser(
         )
         started = flow_run(stack, run_id)
         assert started.parameters["batch_size"] == BATCH
-        assert started.parameters["concurrency"] == 2
+        assert started.parameters["concurrency"] == BROWSER_CONCURRENCY
 
         # While it runs: named after what it syncs, one bar and one summary on its page.
         poll(
@@ -446,7 +447,7 @@ def test_a_person_runs_watches_and_retries_a_killed_run_in_the_browser(
         # Every ticker left was fetched now or given back by the cache, none twice.
         assert set(sent.values()) <= {0, 1}, sent
         assert sum(sent.values()) + BATCH * figures["batches_reused"] >= left
-        assert figures["batches_reused"] <= unmarked_batches_at_most(CONCURRENCY, BATCH)
+        assert figures["batches_reused"] <= unmarked_batches_at_most(BROWSER_CONCURRENCY, BATCH)
     assert_every_ticker_synced(stack, symbols)
 
     # The log: no per-task state lines, and the last word is the run's own summary, then

@@ -337,7 +337,9 @@ def test_a_retried_deployment_run_replaces_its_pages_figures_and_says_press_retr
     same flow run, which completes. The page keeps one bar and one summary, now attempt 2's,
     and the failed-items table of attempt 1 is gone with its failures."""
     tickers = sorted(env.data.sp500_symbols[:30])
-    env.set_fault(tickers[17], FaultKind.UNAUTHORIZED)
+    # In the last batch: it is fetched only once the first batch is stored, however many
+    # batches the pipeline fetches at once.
+    env.set_fault(tickers[27], FaultKind.UNAUTHORIZED)
     with get_client(sync_client=True) as client:
         flow_id = client.create_flow(daily_sync)
         deployment_id = client.create_deployment(flow_id=flow_id, name="run-page-test")
@@ -363,7 +365,7 @@ def test_a_retried_deployment_run_replaces_its_pages_figures_and_says_press_retr
     assert hint, summary.data
     assert "syncpoint run" not in summary.data
     done = int(hint[1])
-    assert 15 <= done < 30  # the three batches before the refused ticker, at least
+    assert 5 <= done < 30  # the first batch at least
 
     env.clear_faults()
     env.reset_stats()
