@@ -205,8 +205,10 @@ def stream(
                 max_seconds,
                 STORE_TASK_SECONDS,
             ).result()
-        if walker.error is not None and not position.finished:
-            raise walker.error  # after every page read before it was stored
+        # Raised after every page read before it was stored. A stop that cut a request's
+        # wait short is no failure: the run ends partial and resumes from its cursor.
+        if walker.error is not None and not position.finished and not stop.requested:
+            raise walker.error
     return ran
 
 

@@ -76,7 +76,7 @@ class PageReader:
     A client per segment (an async task each) paid for new connection pools, their TLS
     contexts and a Prefect client every 500 records: measured, more than the pages
     themselves cost at 20 ms of latency. Here the connections stay open from the first
-    page to the last; segment tasks hand their requests to this loop.
+    page to the last; the walker hands its requests to this loop.
     """
 
     def __init__(self, api: DipApi) -> None:

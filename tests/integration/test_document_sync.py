@@ -390,3 +390,30 @@ def test_timestamps_are_stored_as_instants(
         # The text is the UTC instant, so text order is time order.
         assert raw[twice[0]] == "2025-10-26 00:30:00.000000"
         assert raw[twice[1]] == "2025-10-26 01:30:00.000000"
+
+
+def test_a_stop_during_a_retry_wait_ends_partial_and_resumes(
+    env: dict[str, str], dip: MarketSimulator, tmp_path: Path
+) -> None:
+    db = tmp_path / "docs.db"
+    # From the 5th request on, the entity answers 429 with a minute's Retry-After.
+    dip.dip_plan(ENTITY, 4, lambda: dip.set_fault(ENTITY, FaultKind.RATE_LIMITED, retry_after=60))
+    proc = start(["run", "document-sync", "--entity", ENTITY], env, tmp_path)
+    deadline = time.monotonic() + 120
+    while requests(dip) < 5 or checkpoints(db) < 1:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    stopped_at = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+
+    assert proc.returncode == 130, out + err
+    assert time.monotonic() - stopped_at < 20  # the wait was cut short, not sat out
+    assert "Traceback" not in err
+    assert len(stored(db)) == 4 * PAGE  # every page answered before the 429s is stored
+
+    dip.clear_faults()
+    resumed = sync(env, tmp_path, "--entity", ENTITY, "--resume")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert set(stored(db)) == set(upstream(dip))
