@@ -3,9 +3,10 @@
 The DIP simulator runs as its own process (`python -m syncpoint.simulator`), serving
 200,000 records an entity in pages of 100 (10 for the full-text entities) after 20 ms
 of latency, as DIP documents them. `syncpoint run document-sync --entity aktivitaet`
-streams the entity into a fresh SQLite file, checkpointing every 500 records (the
-default); the baseline `python -m bench.dip_loop` is the loop a person writes by hand
-(httpx, one upsert and commit per page, no checkpoint). Judged:
+streams the entity into a fresh SQLite file, never holding more than 500 records that
+are not yet stored (the default DIP_CHECKPOINT_RECORDS); the baseline `python -m
+bench.dip_loop` is the loop a person writes by hand (httpx, one upsert and commit per
+page into the same table, no checkpoint). Judged:
 
 - records per second, first to last request, at least 0.9x the loop's (also for
   drucksache-text, 20,000 records in 10-record pages);
@@ -229,8 +230,9 @@ def run(bench: Bench) -> CaseResult:
             f"Simulator as its own process (`python -m syncpoint.simulator "
             f"--latency-ms {LATENCY_MS} --dip-records-per-entity N`), DIP's paging: 100 "
             f"records a page, 10 for -text entities, Solr cursors. `syncpoint run "
-            f"document-sync --entity {ENTITY}` ({big:,} records, fresh SQLite file, a "
-            f"checkpoint every {CHECKPOINT_RECORDS} records) against `python -m bench.dip_loop` "
+            f"document-sync --entity {ENTITY}` ({big:,} records, fresh SQLite file, at most "
+            f"{CHECKPOINT_RECORDS} records not yet stored: the default DIP_CHECKPOINT_RECORDS) "
+            "against `python -m bench.dip_loop` "
             f"(httpx, one upsert and commit per page), {reps} interleaved repetition(s); the "
             f"same for {TEXT_ENTITY} ({texts:,} records, 10 a page) once each. Memory: the "
             f"syncpoint process's peak RSS at {small:,} and at {big:,} records. Crash: SIGKILL "
