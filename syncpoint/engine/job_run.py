@@ -49,6 +49,7 @@ from syncpoint.engine.origin import Origin
 from syncpoint.engine.report import summary_line
 from syncpoint.engine.run_page import RunPage
 from syncpoint.sources.source import Source
+from syncpoint.sources.universe import Universe
 
 FAILURES_SHOWN = 20
 FAILED_ROWS_SHOWN = 200  # on the run page
@@ -380,6 +381,17 @@ class JobRun:
         self.ledger.add_items(self.run_id, stage, [o.item for o in outcomes])
         with self.checkpoints.engine().begin() as conn:
             self.ledger.mark(conn, self.run_id, stage, outcomes)
+
+    def register_universe(self, universe: Universe) -> None:
+        """Record the run's tickers as the universe stage: rejected ones failed with their
+        reason (logged), none at all a configuration error."""
+        for symbol, why in universe.rejected.items():
+            self.logger.warning("skipping %r: %s", symbol, why)
+        if universe.duplicates:
+            self.logger.info("ignored %d duplicate tickers", universe.duplicates)
+        if not universe.tickers:
+            raise ConfigError("the ticker list has no valid tickers")
+        self.register_settled("universe", universe.tickers, universe.rejected)
 
     def items_done(self, stage: str) -> list[str]:
         return self.ledger.items(self.run_id, stage, ItemStatus.DONE)

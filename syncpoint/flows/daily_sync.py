@@ -14,7 +14,6 @@ from typing import Any, Literal, cast
 from prefect import get_run_logger
 
 from syncpoint import settings
-from syncpoint.core.errors import ConfigError
 from syncpoint.engine.batch_map import StageRun
 from syncpoint.engine.job_run import JobRun
 from syncpoint.flows.job_flow import UNSET, Count, Day, Switch, Text, job_flow
@@ -153,11 +152,5 @@ def _universe(
         Universe,
         resolve_universe.submit(ticker_source, tickers_file, api, tickers_dir=tickers_dir).result(),
     )
-    for symbol, why in universe.rejected.items():
-        run.logger.warning("skipping %r: %s", symbol, why)
-    if universe.duplicates:
-        run.logger.info("ignored %d duplicate tickers", universe.duplicates)
-    if not universe.tickers:
-        raise ConfigError("the ticker list has no valid tickers")
-    run.register_settled("universe", universe.tickers, universe.rejected)
+    run.register_universe(universe)
     return StageRun(requests=universe.requests)

@@ -18,7 +18,6 @@ from prefect import get_run_logger
 
 from syncpoint import settings
 from syncpoint.blocks.market_api import MarketApi
-from syncpoint.core.errors import ConfigError
 from syncpoint.core.store import cached_tickers
 from syncpoint.engine.batch_map import StageRun
 from syncpoint.engine.job_run import JobRun
@@ -158,11 +157,7 @@ def _universe(
     if run.ledger.has_items(run.run_id, "universe"):
         return None
     universe = cast(Universe, resolve_universe.submit(source, None, api, tickers).result())
-    for symbol, why in universe.rejected.items():
-        run.logger.warning("skipping %r: %s", symbol, why)
-    if not universe.tickers:
-        raise ConfigError("the ticker list has no valid tickers")
-    run.register_settled("universe", universe.tickers, universe.rejected)
+    run.register_universe(universe)
     with run.data.engine().connect() as conn:
         cached = cached_tickers(conn, universe.tickers, first, last)
     # Cached tickers count as processed, and are never requested.
