@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import re
+import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -161,7 +163,7 @@ def _create(url: str, connect_args: dict[str, Any], *, check_schema: bool = True
         kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30, **connect_args}
     engine = create_engine(parsed, **kwargs)
     if parsed.get_backend_name() == "sqlite":
-        event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "connect", sqlite_pragmas)
     if not check_schema:
         return engine
     try:
@@ -189,14 +191,38 @@ def _check_sqlite_path(url: URL) -> None:
         raise ConfigError(f"cannot open database {url.database}: folder {parent} does not exist")
 
 
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+def sqlite_pragmas(dbapi_connection: Any, _record: Any = None) -> None:
+    """Set up a new SQLite connection: WAL, NORMAL sync, a 30 s busy timeout."""
     cursor = dbapi_connection.cursor()
-    # WAL lets `syncpoint status` read while a run writes; NORMAL is durable in WAL mode
-    # against process crashes, which is the failure we design for.
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.execute("PRAGMA busy_timeout=30000")
-    cursor.close()
+    try:
+        # The busy timeout first, so everything after it waits for a lock instead of failing.
+        cursor.execute("PRAGMA busy_timeout=30000")
+        _use_wal(cursor)
+        # NORMAL is durable in WAL mode against process crashes, the failure we design for.
+        cursor.execute("PRAGMA synchronous=NORMAL")
+    finally:
+        cursor.close()
+
+
+def _use_wal(cursor: Any, *, patience: float = 30.0) -> None:
+    """Switch the database to WAL, so `syncpoint status` reads while a run writes.
+
+    Why the loop: switching the journal mode needs an exclusive lock and SQLite does not
+    call the busy handler for it, so two processes (or pool threads) opening a fresh
+    database at the same moment fail with "database is locked" at once. Once the file is
+    in WAL mode the switch is never needed again: ask first, switch only when not.
+    """
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            if str(cursor.execute("PRAGMA journal_mode").fetchone()[0]).lower() == "wal":
+                return
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.02)
 
 
 def _first_line(exc: BaseException) -> str:

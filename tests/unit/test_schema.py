@@ -21,6 +21,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
 from syncpoint.core import schema
+from syncpoint.core.db import sqlite_pragmas
 from syncpoint.core.errors import ConfigError
 from syncpoint.core.migrations import VERSION_TABLE
 from syncpoint.core.schema import (
@@ -218,18 +219,11 @@ LEGACY_ROWS: dict[str, list[dict[str, Any]]] = {
 }
 
 
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-    # As syncpoint.core.db sets them, so locking behaves as in production.
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA busy_timeout=30000")
-    cursor.close()
-
-
 def make_engine(url: str) -> sa.Engine:
     if url.startswith("sqlite"):
         engine = sa.create_engine(url, connect_args={"timeout": 30})
-        sa.event.listen(engine, "connect", _sqlite_pragmas)
+        # As syncpoint.core.db sets connections up, so locking behaves as in production.
+        sa.event.listen(engine, "connect", sqlite_pragmas)
         return engine
     return sa.create_engine(url)
 
