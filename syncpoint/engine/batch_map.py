@@ -15,10 +15,8 @@ requests in flight. A crash finds at most unmarked_batches_at_most() batches
 fetched-but-unmarked; the persisted fetch cache gives back every one whose fetch had
 finished, so a rerun refetches far less.
 
-Each fetch task opens its own client. A stage-wide client on its own loop
-(syncpoint.core.http.ClientThread) is built and tested, but not used yet: a run whose
-batch raised a configuration error on that loop did not end, and that must be fixed
-before it serves runs.
+One client (pools, connections, SSL context) serves the whole stage from its own event
+loop (syncpoint.core.http.ClientThread): a batch boundary opens nothing.
 """
 
 from __future__ import annotations
@@ -33,6 +31,7 @@ from prefect.futures import PrefectFuture
 from prefect.utilities.annotations import quote
 
 from syncpoint.core.db import Database
+from syncpoint.core.http import ClientThread
 from syncpoint.core.interrupts import StopFlag
 from syncpoint.core.ledger import ErrorKind, ItemOutcome, Ledger, PendingItem, StageCounts
 from syncpoint.core.request_slots import RequestSlots
@@ -257,6 +256,7 @@ def map_batches(
     slots = RequestSlots(source.concurrency)
     depth = fetches_in_flight(source.concurrency, batch_size)
     # Opened once for the stage, closed when it ends (after every fetch has finished).
+    clients = ClientThread(source.client())
     fetching: deque[PrefectFuture[BatchOutcome]] = deque()
     storing: tuple[BatchOutcome, PrefectFuture[int]] | None = None
 
@@ -266,7 +266,7 @@ def map_batches(
         batch = next(upcoming, None)
         if batch is not None:
             # Prefect types an async task's future as one of a coroutine; it holds the value.
-            future = fetch_batch.submit(source, batch, slots)
+            future = fetch_batch.submit(source, batch, slots, clients)
             fetching.append(cast(PrefectFuture[BatchOutcome], future))
 
     def count(fetched: PrefectFuture[BatchOutcome]) -> BatchOutcome:
@@ -304,6 +304,8 @@ def map_batches(
         )
 
     try:
+        if planned:
+            clients.__enter__()
         for _ in range(depth):
             fetch_next()
         while fetching:
@@ -330,13 +332,17 @@ def map_batches(
         # Leaving early (a store failed, the flow is being torn down): let the fetches in
         # flight finish, so their results reach the fetch cache for the rerun and no
         # thread goes on sending after the stage has ended.
-        for future in fetching:
-            future.wait()
-            if future.state.is_completed():
-                count(future)  # not stored now, but its requests went out
-        # A batch that was fetched is always stored before the stage ends, whatever ended it.
-        if storing is not None:
-            settle(*storing)
+        try:
+            for future in fetching:
+                future.wait()
+                if future.state.is_completed():
+                    count(future)  # not stored now, but its requests went out
+            clients.__exit__(None, None, None)
+        finally:
+            # A batch that was fetched is always stored before the stage ends, whatever
+            # ended it.
+            if storing is not None:
+                settle(*storing)
     return result
 
 

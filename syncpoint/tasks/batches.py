@@ -137,7 +137,16 @@ async def fetch_batch(
     async def every_item(
         client: ApiClient,
     ) -> tuple[list[tuple[list[dict[str, Any]], ItemOutcome]], int]:
-        results = await asyncio.gather(*(one(client, p) for p in batch.items))
+        running = [asyncio.ensure_future(one(client, p)) for p in batch.items]
+        try:
+            results = await asyncio.gather(*running)
+        except BaseException:
+            # gather() leaves the other items running when one raises: on the stage's
+            # client loop they would outlive this task, waiting for slots nobody serves.
+            for item in running:
+                item.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
+            raise
         return results, client.requests_sent
 
     if clients is not None:

@@ -140,3 +140,35 @@ def test_cancelling_the_caller_cancels_the_work_on_the_client_loop(server: _Serv
 def test_share_needs_an_open_client() -> None:
     with pytest.raises(RuntimeError, match="open client"):
         ApiClient("http://127.0.0.1:9").share()
+
+
+def test_closing_cancels_work_left_on_the_client_loop(server: _Server) -> None:
+    # A batch whose item raised leaves its siblings behind; closing must end them, or
+    # whatever they wait for (a request here, a global-limit slot in a run) keeps the
+    # process from exiting.
+    server.release.clear()
+    started, cancelled = threading.Event(), threading.Event()
+
+    async def work(client: ApiClient) -> None:
+        async def sibling() -> None:
+            started.set()
+            try:
+                await client.get_json("/slow")
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+
+        asyncio.get_running_loop().create_task(sibling())  # left running on purpose
+        await asyncio.sleep(0.05)
+        raise ValueError("one item failed")
+
+    clients = ClientThread(ApiClient(_url(server), concurrency=1))
+    with clients:
+        with pytest.raises(ValueError, match="one item failed"):
+            asyncio.run(clients.run(work))
+        assert started.wait(5)
+        loop_thread = clients._thread
+    assert cancelled.is_set()
+    assert loop_thread is not None
+    assert not loop_thread.is_alive()
+    server.release.set()
