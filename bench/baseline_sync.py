@@ -55,7 +55,13 @@ class Pace:
 
 
 async def sync(
-    base_url: str, tickers: list[str], day: date, days: int, concurrency: int, pace: Pace
+    base_url: str,
+    tickers: list[str],
+    day: date,
+    days: int,
+    concurrency: int,
+    pace: Pace,
+    with_valuations: bool = True,
 ) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]], dict[str, int]]:
     gate = asyncio.Semaphore(concurrency)
     statuses: dict[str, int] = {}
@@ -80,7 +86,11 @@ async def sync(
         price_payloads = await asyncio.gather(
             *(get(PRICES_PATH, {"symbol": t, **window}) for t in tickers)
         )
-        dcf_payloads = await asyncio.gather(*(get(DCF_PATH, {"symbol": t}) for t in tickers))
+        dcf_payloads = (
+            await asyncio.gather(*(get(DCF_PATH, {"symbol": t}) for t in tickers))
+            if with_valuations
+            else [[] for _ in tickers]
+        )
     prices = [
         (t, r["date"], r["open"], r["high"], r["low"], r["close"], int(r["volume"]))
         for t, payload in zip(tickers, price_payloads, strict=True)
@@ -112,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--days", type=int, default=5)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--rate-limit", type=float, default=None, help="requests per minute")
+    parser.add_argument(
+        "--prices-only", action="store_true", help="no valuations: a backfill of price history"
+    )
     args = parser.parse_args(argv)
     tickers = [t.strip() for t in args.tickers_file.read_text().splitlines() if t.strip()]
     started = time.monotonic()
@@ -123,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             args.days,
             args.concurrency,
             Pace(args.rate_limit),
+            with_valuations=not args.prices_only,
         )
     )
     fetched = time.monotonic()

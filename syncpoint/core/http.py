@@ -462,13 +462,13 @@ T = TypeVar("T")
 class ClientThread:
     """One open ApiClient for a whole stage, on an event loop of its own.
 
-    Prefect runs every async task run on a new event loop (`asyncio.run` in a worker
-    thread), and an httpx pool belongs to the loop that first used it. A client per task
-    run therefore means new pools, new connections and an SSL context per batch (httpx
-    loads the CA bundle for every client, http:// included): at 50 tickers a batch that
-    was a fifth of a run's CPU. Here the client lives on one loop in one daemon thread,
-    opened once; `run()` hands a batch's work to that loop and awaits it from the task's
-    own loop. Connections stay alive across batches, as in a hand-written script.
+    Prefect runs each task run in a worker thread, and an httpx pool belongs to the event
+    loop that first used it. A client per task run therefore means new pools, new
+    connections and an SSL context per batch (httpx loads the CA bundle for every client,
+    http:// included): at 50 tickers a batch that was a fifth of a run's CPU. Here the
+    client lives on one loop in one daemon thread, opened once; `run()` hands a batch's
+    work to that loop and waits for it in the task's thread. Connections stay alive across
+    batches, as in a hand-written script.
 
     A batch costs a thread hop instead of new pools and new connections. Work a batch
     leaves behind on the loop (an item still waiting when a sibling raised) is cancelled
@@ -538,10 +538,11 @@ class ClientThread:
         if not loop.is_running():
             loop.close()
 
-    async def run(self, work: Callable[[ApiClient], Awaitable[T]]) -> T:
-        """`work(view)` on the client's loop, awaited from any other loop; `view` is a
-        share() of the client, so its counters are this call's alone. Cancelling the
-        caller cancels the work."""
+    def run(self, work: Callable[[ApiClient], Awaitable[T]]) -> T:
+        """`work(view)` on the client's loop, waited for from the calling thread (a Prefect
+        task's worker thread, which has no loop of its own); `view` is a share() of the
+        client, so its counters are this call's alone. If the wait ends early (an
+        exception in the caller), the work is cancelled."""
         loop = self._loop
         if loop is None:
             raise RuntimeError("ClientThread used outside `with`")
@@ -549,9 +550,14 @@ class ClientThread:
         async def on_loop() -> T:
             return await work(self.client.share())
 
-        # The coroutine is created here but first runs on `loop`: its context (a Prefect
-        # task run's, for get_run_logger) is copied from this caller.
-        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(on_loop(), loop))
+        # The coroutine is created here but runs on `loop`: its context (a Prefect task
+        # run's) is not there, which is why callers take their logger beforehand.
+        future = asyncio.run_coroutine_threadsafe(on_loop(), loop)
+        try:
+            return future.result()
+        except BaseException:
+            future.cancel()
+            raise
 
 
 class _Inflater(Protocol):

@@ -58,9 +58,10 @@ def fetches_in_flight(concurrency: int, batch_size: int) -> int:
 
 
 def unmarked_batches_at_most(concurrency: int, batch_size: int) -> int:
-    """What a crash can leave fetched-but-unmarked: the fetches in flight, plus the batch
-    being stored (a fetch is submitted only once the batch before it is marked)."""
-    return fetches_in_flight(concurrency, batch_size) + 1
+    """What a crash can leave fetched-but-unmarked: the fetches in flight, the batch just
+    fetched and the one before it, still being stored (the next fetch is submitted before
+    the stage waits on that store, so a slow store never idles the request slots)."""
+    return fetches_in_flight(concurrency, batch_size) + 2
 
 
 @dataclass
@@ -265,9 +266,7 @@ def map_batches(
             return  # no new batch; the ones in flight still finish and are stored
         batch = next(upcoming, None)
         if batch is not None:
-            # Prefect types an async task's future as one of a coroutine; it holds the value.
-            future = fetch_batch.submit(source, batch, slots, clients)
-            fetching.append(cast(PrefectFuture[BatchOutcome], future))
+            fetching.append(fetch_batch.submit(source, batch, slots, clients))
 
     def count(fetched: PrefectFuture[BatchOutcome]) -> BatchOutcome:
         outcome = fetched.result()
@@ -311,6 +310,9 @@ def map_batches(
         while fetching:
             outcome = count(fetching.popleft())
             result.fatal = result.fatal or outcome.fatal
+            # The next fetch first, before waiting on a store: the slots this batch's
+            # tail freed must find items queued, whatever the store step costs.
+            fetch_next()
             if storing is not None:
                 previous, storing = storing, None
                 settle(*previous)
@@ -325,9 +327,6 @@ def map_batches(
                     cast(BatchOutcome, quote(outcome)),  # Prefect unwraps it for the task
                 ),
             )
-            # Only now: the previous batch is marked, so at most depth + 1 batches are
-            # ever fetched-but-unmarked.
-            fetch_next()
     finally:
         # Leaving early (a store failed, the flow is being torn down): let the fetches in
         # flight finish, so their results reach the fetch cache for the rerun and no

@@ -17,7 +17,6 @@ foresaw, and a batch whose upsert the database refuses for one item's rows.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 import uuid
@@ -34,7 +33,7 @@ import sqlalchemy as sa
 from syncpoint.blocks.market_api import MarketApi
 from syncpoint.core.db import Database, dispose_engines
 from syncpoint.core.errors import StorageError
-from syncpoint.core.http import ApiClient
+from syncpoint.core.http import ApiClient, ClientThread
 from syncpoint.core.ledger import ErrorKind, ItemOutcome, Ledger, PendingItem
 from syncpoint.core.request_slots import RequestSlots
 from syncpoint.core.store import ItemRows, write_items_then_checkpoint
@@ -260,7 +259,8 @@ def test_an_unforeseen_exception_fails_its_item_not_the_batch(sync_env: MarketSi
     )
     batch = Batch("run-1", "prices", 1, tuple(PendingItem(t, 0) for t in tickers))
 
-    outcome = asyncio.run(fetch_batch(source, batch, RequestSlots(4)))  # a real task run
+    with ClientThread(source.client()) as clients:
+        outcome = fetch_batch(source, batch, RequestSlots(4), clients)  # a real task run
 
     assert outcome.outcomes == [
         ItemOutcome.done(tickers[0]),

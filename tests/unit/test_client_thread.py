@@ -1,13 +1,14 @@
-"""ClientThread: one client for a stage, used from the event loops Prefect gives each task.
+"""ClientThread: one client for a stage, used from the worker threads Prefect runs tasks in.
 
-Prefect runs every async task run with `asyncio.run` in a worker thread; the batches here
-do the same, so what the server sees (how many connections) is what a stage would cost.
+The batches here run in a thread pool as Prefect's task runner would run them, so what the
+server sees (how many connections) is what a stage would cost.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -72,19 +73,16 @@ def _url(server: _Server) -> str:
 
 
 def _batch(clients: ClientThread, items: int) -> int:
-    """One batch as Prefect runs an async task: a new loop in this thread."""
+    """One batch as a Prefect task runs it: from a worker thread, waiting for the result."""
 
     async def work(client: ApiClient) -> int:
         await asyncio.gather(*(client.get_json("/x", {"i": str(i)}) for i in range(items)))
         return client.requests_sent
 
-    async def task() -> int:
-        return await clients.run(work)
-
-    return asyncio.run(task())
+    return clients.run(work)
 
 
-def test_batches_on_many_loops_reuse_one_set_of_connections(server: _Server) -> None:
+def test_batches_from_many_threads_reuse_one_set_of_connections(server: _Server) -> None:
     concurrency, batches, items = 4, 12, 8
     with (
         ClientThread(ApiClient(_url(server), concurrency=concurrency)) as clients,
@@ -113,7 +111,7 @@ def test_closing_closes_the_pools_and_stops_the_thread(server: _Server) -> None:
         asyncio.run(client.get_json("/x"))
 
 
-def test_cancelling_the_caller_cancels_the_work_on_the_client_loop(server: _Server) -> None:
+def test_a_caller_interrupted_while_waiting_cancels_its_work(server: _Server) -> None:
     server.release.clear()  # every answer waits until released
     cancelled = threading.Event()
 
@@ -124,15 +122,16 @@ def test_cancelling_the_caller_cancels_the_work_on_the_client_loop(server: _Serv
             cancelled.set()
             raise
 
-    async def caller(clients: ClientThread) -> None:
-        task = asyncio.create_task(clients.run(work))
-        await asyncio.sleep(0.2)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+    def interrupt_after(seconds: float) -> None:
+        # Ctrl+C as the terminal sends it: a real SIGINT, which wakes the blocked wait.
+        main = threading.main_thread().ident
+        assert main is not None
+        threading.Timer(seconds, signal.pthread_kill, (main, signal.SIGINT)).start()
 
     with ClientThread(ApiClient(_url(server), concurrency=1)) as clients:
-        asyncio.run(caller(clients))
+        interrupt_after(0.3)
+        with pytest.raises(KeyboardInterrupt):
+            clients.run(work)
         assert cancelled.wait(5)
         server.release.set()
 
@@ -165,7 +164,7 @@ def test_closing_cancels_work_left_on_the_client_loop(server: _Server) -> None:
     clients = ClientThread(ApiClient(_url(server), concurrency=1))
     with clients:
         with pytest.raises(ValueError, match="one item failed"):
-            asyncio.run(clients.run(work))
+            clients.run(work)
         assert started.wait(5)
         loop_thread = clients._thread
     assert cancelled.is_set()
