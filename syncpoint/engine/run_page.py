@@ -40,9 +40,12 @@ from syncpoint.engine.report import batches
 Logger = logging.Logger | logging.LoggerAdapter[logging.Logger]
 
 PROGRESS, SUMMARY, FAILED_ITEMS = "progress", "summary", "failed-items"
-# The bar moves by at least this many points per update: a 5,000-item stage in batches
-# of 5 would otherwise make 1,000 API calls to move it by a hair each.
+# The bar moves by at least this many points, and at most once a second, per update: a
+# 5,000-item stage in batches of 5 would otherwise make 1,000 API calls to move it by a
+# hair each, every one of them on the loop that feeds the fetches. A stage's end always
+# moves it.
 MIN_BAR_STEP = 0.5
+MIN_BAR_SECONDS = 1.0
 _EPOCH = datetime.min.replace(tzinfo=UTC)
 
 
@@ -107,6 +110,7 @@ class FlowRunPage:
         self.planned: list[str] = []
         self.previous_attempt: str | None = None  # what the attempt before this one left
         self._bar: float | None = None
+        self._bar_at = 0.0  # time.monotonic() of the last bar update
         self._warned = False
         if origin.retried:
             self._call(self._adopt)
@@ -127,7 +131,13 @@ class FlowRunPage:
     def progress(self, run_key: str, fraction: float, *, force: bool = False) -> None:
         self.sections.setdefault(run_key, _Section("")).fraction = fraction
         percent = self.percent()
-        if force or self._bar is None or abs(percent - self._bar) >= MIN_BAR_STEP:
+        due = (
+            abs(percent - self._bar) >= MIN_BAR_STEP
+            and time.monotonic() - self._bar_at >= MIN_BAR_SECONDS
+            if self._bar is not None
+            else True
+        )
+        if force or due:
             self._call(self._put_progress, percent)
 
     def failed(self, run_key: str, rows: list[dict[str, Any]]) -> None:
@@ -200,7 +210,7 @@ class FlowRunPage:
             percent,
             self._description("share of the run's work done, weighted by items per stage"),
         )
-        self._bar = percent
+        self._bar, self._bar_at = percent, time.monotonic()
 
     def _put_summary(self) -> None:
         self._put(
