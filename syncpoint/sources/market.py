@@ -108,11 +108,16 @@ def parse_prices(
         # A known symbol with no bars at all in the window: say so rather than call it done.
         raise ItemError(f"{ticker}: the API has no prices in the requested window")
     rows: dict[date, dict[str, Any]] = {}
+    days: dict[str, date] = {}  # a backfill's bars repeat few distinct date strings
     for raw in records:
-        day = _day(_field(raw, "date", ticker), ticker)
+        text = raw.get("date")
+        day = days.get(text) if isinstance(text, str) else None
+        if day is None:
+            day = _day(_field(raw, "date", ticker), ticker)
+            days[str(text)] = day  # a str: _day refuses anything else
         if (start is not None and day < start) or (end is not None and day > end):
             raise ItemError(f"{ticker}: a bar dated {day} is outside the requested {start}..{end}")
-        bar = {k: _number(raw, k, ticker) for k in ("open", "high", "low", "close")}
+        bar = {k: _price(raw, k, ticker) for k in ("open", "high", "low", "close")}
         if any(v <= 0 for v in bar.values()):
             raise ItemError(f"{ticker}: non-positive price on {day}")
         if bar["high"] < bar["low"]:
@@ -151,6 +156,15 @@ def _field(raw: dict[str, Any], name: str, what: str) -> Any:
     if raw.get(name) is None:
         raise ItemError(f"{what}: payload lacks {name!r}")
     return raw[name]
+
+
+def _price(raw: dict[str, Any], name: str, what: str) -> float:
+    """_number for the common case in one comparison: a float in range (NaN and the
+    infinities fail the comparison); anything else takes _number's way, which says why."""
+    value = raw.get(name)
+    if type(value) is float and -FLOAT_LIMIT < value < FLOAT_LIMIT:
+        return value
+    return _number(raw, name, what)
 
 
 def _number(raw: dict[str, Any], name: str, what: str) -> float:
