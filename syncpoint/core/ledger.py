@@ -12,6 +12,7 @@ import os
 import socket
 import threading
 import uuid
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -33,7 +34,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 
 from syncpoint.core.errors import CheckpointError
-from syncpoint.core.tables import sync_items, sync_runs
+from syncpoint.core.tables import sync_item_counts, sync_items, sync_runs
 
 CHECKPOINT_VERSION = 1
 # A running run whose heartbeat is older than this is presumed dead and taken over.
@@ -204,6 +205,39 @@ class StageCounts:
     @property
     def settled(self) -> int:
         return self.done + self.failed
+
+
+# StageCounts' buckets, as sync_item_counts keeps them (see bucket()).
+BUCKETS = ("untouched", "done", "failed", "retrying")
+
+
+def bucket(status: str, error_kind: str | None) -> str:
+    """The count an item with this status and error kind is in."""
+    if status == ItemStatus.DONE.value:
+        return "done"
+    if status == ItemStatus.PENDING.value:
+        return "untouched"
+    return "retrying" if error_kind == ErrorKind.TRANSIENT.value else "failed"
+
+
+def _bump(conn: Connection, run_id: str, stage: str, deltas: Counter[str]) -> None:
+    """Move a stage's counts by `deltas`, in the caller's transaction (the one that
+    changes the items: the counts can never disagree with them)."""
+    for name, delta in deltas.items():
+        if not delta:
+            continue
+        key = (
+            sync_item_counts.c.run_id == run_id,
+            sync_item_counts.c.stage == stage,
+            sync_item_counts.c.bucket == name,
+        )
+        moved = conn.execute(
+            update(sync_item_counts).where(*key).values(n=sync_item_counts.c.n + delta)
+        ).rowcount
+        if not moved:
+            conn.execute(
+                insert(sync_item_counts).values(run_id=run_id, stage=stage, bucket=name, n=delta)
+            )
 
 
 @dataclass(frozen=True)
@@ -436,6 +470,7 @@ class Ledger:
             for start in range(0, len(ids), _INSERT_CHUNK):
                 chunk = ids[start : start + _INSERT_CHUNK]
                 conn.execute(delete(sync_items).where(sync_items.c.run_id.in_(chunk)))
+                conn.execute(delete(sync_item_counts).where(sync_item_counts.c.run_id.in_(chunk)))
                 conn.execute(delete(sync_runs).where(sync_runs.c.run_id.in_(chunk)))
         return len(ids)
 
@@ -452,9 +487,11 @@ class Ledger:
                     )
                 )
             ]
-            if ids:
-                conn.execute(delete(sync_items).where(sync_items.c.run_id.in_(ids)))
-                conn.execute(delete(sync_runs).where(sync_runs.c.run_id.in_(ids)))
+            for start in range(0, len(ids), _INSERT_CHUNK):
+                chunk = ids[start : start + _INSERT_CHUNK]
+                conn.execute(delete(sync_items).where(sync_items.c.run_id.in_(chunk)))
+                conn.execute(delete(sync_item_counts).where(sync_item_counts.c.run_id.in_(chunk)))
+                conn.execute(delete(sync_runs).where(sync_runs.c.run_id.in_(chunk)))
         return len(ids)
 
     def _load(self, row: Any) -> Run:
@@ -530,6 +567,7 @@ class Ledger:
                 if rows:
                     conn.execute(insert(sync_items), rows)
                 added += len(rows)
+            _bump(conn, run_id, stage, Counter(untouched=added))
         return added
 
     def has_items(self, run_id: str, stage: str) -> bool:
@@ -583,13 +621,18 @@ class Ledger:
             sync_items.c.status == ItemStatus.FAILED.value,
         )
         with self.engine.begin() as conn:
-            items = list(conn.scalars(select(sync_items.c.item).where(*failed)))
+            rows = conn.execute(
+                select(sync_items.c.item, sync_items.c.error_kind).where(*failed)
+            ).all()
             conn.execute(
                 update(sync_items)
                 .where(*failed)
                 .values(status=ItemStatus.PENDING.value, error_kind=None, updated_at=_now())
             )
-        return sorted(items)
+            deltas = Counter(bucket(ItemStatus.FAILED.value, r.error_kind) for r in rows)
+            _bump(conn, run_id, stage, Counter({k: -v for k, v in deltas.items()}))
+            _bump(conn, run_id, stage, Counter(untouched=len(rows)))
+        return sorted(r.item for r in rows)
 
     def pending(self, run_id: str, stage: str) -> list[PendingItem]:
         """Universe - done - permanently failed, in a stable order (all of it: for a large
@@ -633,15 +676,14 @@ class Ledger:
             after = page[-1].item
 
     def count_pending(self, run_id: str, stage: str) -> int:
-        """How many items pending_pages would yield now (one indexed count)."""
+        """How many items pending_pages would yield now (two rows of the counts read)."""
         with self.engine.connect() as conn:
             return int(
                 conn.execute(
-                    select(func.count()).where(
-                        sync_items.c.run_id == run_id,
-                        sync_items.c.stage == stage,
-                        (sync_items.c.status == ItemStatus.PENDING.value)
-                        | (sync_items.c.error_kind == ErrorKind.TRANSIENT.value),
+                    select(func.coalesce(func.sum(sync_item_counts.c.n), 0)).where(
+                        sync_item_counts.c.run_id == run_id,
+                        sync_item_counts.c.stage == stage,
+                        sync_item_counts.c.bucket.in_(("untouched", "retrying")),
                     )
                 ).scalar_one()
             )
@@ -658,6 +700,25 @@ class Ledger:
         if not outcomes:
             return
         now = _now()
+        # Where the items were before, so the counts move with them (a batch's rows by
+        # primary key: the cost follows the batch, not the run).
+        was: dict[str, str] = {}
+        for chunk in _chunks(dict.fromkeys(o.item for o in outcomes), _CHUNK):
+            for item, status, kind in conn.execute(
+                select(sync_items.c.item, sync_items.c.status, sync_items.c.error_kind).where(
+                    sync_items.c.run_id == run_id,
+                    sync_items.c.stage == stage,
+                    sync_items.c.item.in_(chunk),
+                )
+            ):
+                was[item] = bucket(status, kind)
+        deltas: Counter[str] = Counter()
+        for o in outcomes:
+            if o.item in was:  # an item the ledger does not hold is not updated either
+                now_in = bucket(o.status.value, o.error_kind.value if o.error_kind else None)
+                deltas[was[o.item]] -= 1
+                deltas[now_in] += 1
+                was[o.item] = now_in
         stmt = (
             update(sync_items)
             .where(
@@ -690,6 +751,7 @@ class Ledger:
                 for o in outcomes
             ],
         )
+        _bump(conn, run_id, stage, deltas)
         conn.execute(
             update(sync_runs)
             .where(sync_runs.c.run_id == run_id)
@@ -697,33 +759,24 @@ class Ledger:
         )
 
     def counts(self, run_id: str, stage: str | None = None) -> dict[str, StageCounts]:
-        """Items per stage by state; only `stage`'s when given (one stage's rows read)."""
-        query = (
-            select(
-                sync_items.c.stage,
-                sync_items.c.status,
-                sync_items.c.error_kind,
-                func.count().label("n"),
-            )
-            .where(sync_items.c.run_id == run_id)
-            .group_by(sync_items.c.stage, sync_items.c.status, sync_items.c.error_kind)
-        )
+        """Items per stage by bucket; only `stage`'s when given. A few rows of
+        sync_item_counts at any run size (the ledger keeps them as items change)."""
+        query = select(
+            sync_item_counts.c.stage, sync_item_counts.c.bucket, sync_item_counts.c.n
+        ).where(sync_item_counts.c.run_id == run_id)
         if stage is not None:
-            query = query.where(sync_items.c.stage == stage)
+            query = query.where(sync_item_counts.c.stage == stage)
         with self.engine.connect() as conn:
             rows = conn.execute(query).all()
         tally: dict[str, dict[str, int]] = {}
-        for stage, status, kind, n in rows:
-            t = tally.setdefault(stage, {"done": 0, "failed": 0, "retrying": 0, "untouched": 0})
-            if status == ItemStatus.DONE.value:
-                t["done"] += n
-            elif status == ItemStatus.PENDING.value:
-                t["untouched"] += n
-            elif kind == ErrorKind.TRANSIENT.value:
-                t["retrying"] += n
-            else:
-                t["failed"] += n
-        return {stage: StageCounts(total=sum(t.values()), **t) for stage, t in tally.items()}
+        for name, kind, n in rows:
+            if kind in BUCKETS:
+                tally.setdefault(name, dict.fromkeys(BUCKETS, 0))[kind] += int(n)
+        return {
+            name: StageCounts(total=sum(t.values()), **t)
+            for name, t in tally.items()
+            if sum(t.values()) > 0
+        }
 
     def failures(self, run_id: str, limit: int = 100) -> list[ItemFailure]:
         with self.engine.connect() as conn:

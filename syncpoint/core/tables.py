@@ -152,3 +152,15 @@ sync_items = Table(
     Column("updated_at", DateTime(timezone=True)),
     Index("idx_sync_items_run_stage_status", "run_id", "stage", "status"),
 )
+
+# How many of a stage's items are in each bucket (untouched, done, failed, retrying), kept
+# in the same transactions that change sync_items: `syncpoint status`, the run page and
+# the planner read four rows instead of counting a stage of half a million items.
+sync_item_counts = Table(
+    "sync_item_counts",
+    metadata,
+    Column("run_id", String(36), primary_key=True),
+    Column("stage", String(32), primary_key=True),
+    Column("bucket", String(16), primary_key=True),
+    Column("n", BigInteger, nullable=False, default=0),
+)

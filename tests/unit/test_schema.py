@@ -37,7 +37,15 @@ from syncpoint.core.schema import (
 from syncpoint.core.tables import metadata
 from tests.conftest import _fresh_pg_database
 
-TABLES = {"stock_prices", "dcf_valuations", "sync_logs", "dip_documents", "sync_runs", "sync_items"}
+TABLES = {
+    "stock_prices",
+    "dcf_valuations",
+    "sync_logs",
+    "dip_documents",
+    "sync_runs",
+    "sync_items",
+    "sync_item_counts",
+}
 T0 = datetime(2026, 11, 20, 22, 0, tzinfo=UTC)
 
 
