@@ -329,8 +329,8 @@ def _ledger() -> Any:
     from syncpoint import settings
     from syncpoint.core.ledger import Ledger
 
-    data = settings.database()
-    return Ledger(settings.checkpoint_store().target(data).engine())
+    # From the environment alone, no block: this keeps Prefect out of `syncpoint status`.
+    return Ledger(settings.checkpoint_database(settings.database()).engine())
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -17,17 +17,21 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Any, Generic, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from syncpoint.blocks.checkpoint import CheckpointStore
-from syncpoint.blocks.dip_api import DipApi
-from syncpoint.blocks.market_api import MarketApi
 from syncpoint.core.db import Database
 from syncpoint.core.errors import ConfigError
 from syncpoint.core.ledger import STALE_AFTER_SECONDS
+
+if TYPE_CHECKING:
+    # Imported where they are used: the blocks import Prefect (a second of start-up), which
+    # `syncpoint status` and the other checkpoint commands never need.
+    from syncpoint.blocks.checkpoint import CheckpointStore
+    from syncpoint.blocks.dip_api import DipApi
+    from syncpoint.blocks.market_api import MarketApi
 
 DEFAULT_DATABASE_FILE = "syncpoint.db"
 DAILY_BATCH_SIZE = 50
@@ -204,6 +208,8 @@ def checkpoint_store(
     block_name: str | None = None, env: Environment | None = None
 ) -> CheckpointStore:
     """Where checkpoints live and how long they are kept: a block, or the environment."""
+    from syncpoint.blocks.checkpoint import CheckpointStore
+
     if block_name:
         return _load(CheckpointStore, block_name)
     env = env or environment()
@@ -212,6 +218,15 @@ def checkpoint_store(
         retention_days=_first(env.checkpoint_retention_days, 30),
         stale_after_seconds=_first(env.stale_after_seconds, STALE_AFTER_SECONDS),
     )
+
+
+def checkpoint_database(data: Database, env: Environment | None = None) -> Database:
+    """The checkpoint database the environment names (else `data`), without a block: what
+    checkpoint_store().target(data) gives, for commands that read checkpoints only."""
+    env = env or environment()
+    if env.checkpoint_url is not None:
+        return Database.from_url(env.checkpoint_url.get_secret_value())
+    return data
 
 
 BlockT = TypeVar("BlockT")
@@ -227,7 +242,7 @@ def _load(kind: type[BlockT], name: str) -> BlockT:
 
 # --- APIs -----------------------------------------------------------------------------
 
-ApiT = TypeVar("ApiT", MarketApi, DipApi)
+ApiT = TypeVar("ApiT", "MarketApi", "DipApi")
 
 
 @dataclass(frozen=True)
@@ -354,6 +369,8 @@ def resolve_daily_sync(
     database_block: str | None = None,
     checkpoint_block: str | None = None,
 ) -> RunSettings[MarketApi]:
+    from syncpoint.blocks.market_api import MarketApi
+
     positive("batch_size", batch_size)
     positive("price_days", price_days)
     env, base = _common(
@@ -381,6 +398,8 @@ def resolve_fill_cache(
     database_block: str | None = None,
     checkpoint_block: str | None = None,
 ) -> RunSettings[MarketApi]:
+    from syncpoint.blocks.market_api import MarketApi
+
     positive("batch_size", batch_size)
     _env, base = _common(
         MarketApi,
@@ -406,6 +425,8 @@ def resolve_document_sync(
     database_block: str | None = None,
     checkpoint_block: str | None = None,
 ) -> RunSettings[DipApi]:
+    from syncpoint.blocks.dip_api import DipApi
+
     positive("checkpoint_every_records", checkpoint_every_records)
     if checkpoint_every_seconds is not None and checkpoint_every_seconds <= 0:
         raise ConfigError(
