@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 from bench.harness import (
-    PYTHON,
     Bench,
     CaseResult,
     Failed,
@@ -155,20 +154,12 @@ def run(bench: Bench) -> CaseResult:
         ).total
         for _ in range(3)
     ]
-    imports = [
-        require(
-            run_timed([PYTHON, "-c", "import syncpoint.cli"], env=status_env, cwd=folder),
-            "case 9 import",
-        ).total
-        for _ in range(3)
-    ]
     result.add(
         f"`syncpoint status` on the {large:,}-item run, whole command",
         spread(status),
         f"<= {STATUS_SECONDS:.0f}s",
         median(status) <= STATUS_SECONDS,
     )
-    result.add("   of which starting Python and importing the CLI", spread(imports))
     result.notes.append(
         "The ledger keeps each stage's counts as items change (sync_item_counts), so status "
         "reads a few rows at any size; pending items are planned a page at a time by keyset "

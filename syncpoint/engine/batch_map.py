@@ -106,7 +106,9 @@ class StageRun:
     batches: int = 0
     items_processed: int = 0
     fatal: str | None = None
-    outcomes: list[ItemOutcome] = field(default_factory=list)
+    # Items whose fetch failed transiently (a second pass may take them): the only
+    # outcomes kept, so a stage of half a million items holds its failures, not its items.
+    transient: list[str] = field(default_factory=list)
 
     def merged(self, later: StageRun) -> StageRun:
         """This pass and a later one over the same stage, as one."""
@@ -117,7 +119,7 @@ class StageRun:
             batches=self.batches + later.batches,
             items_processed=self.items_processed + later.items_processed,
             fatal=self.fatal or later.fatal,
-            outcomes=[*self.outcomes, *later.outcomes],
+            transient=[*self.transient, *later.transient],
         )
 
 
@@ -281,7 +283,9 @@ def map_batches(
         result.rows_written += future.result()
         result.batches += 1
         result.items_processed += len(outcome.outcomes)
-        result.outcomes.extend(outcome.outcomes)
+        result.transient.extend(
+            o.item for o in outcome.outcomes if o.error_kind is ErrorKind.TRANSIENT
+        )
         retried = {p.item for p in outcome.batch.items if p.attempts > 0}
         for o in outcome.outcomes:
             if o.item in retried:

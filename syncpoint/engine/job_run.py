@@ -324,7 +324,7 @@ class JobRun:
         """Items this pass left with a transient failure, if a second pass may run."""
         if self.retry_cooldown is None or ran.fatal or self.stop.requested:
             return []
-        return [o.item for o in ran.outcomes if o.error_kind is ErrorKind.TRANSIENT]
+        return list(ran.transient)
 
     def _cool_down(self, stage: str, count: int) -> bool:
         """Wait before the second pass (an overloaded API often recovers in seconds); a

@@ -89,6 +89,10 @@ def batch_cache_key(_context: TaskRunContext, parameters: dict[str, Any]) -> str
     cache_key_fn=batch_cache_key,
     cache_expiration=FETCH_CACHE_TTL,
     persist_result=True,
+    # Prefect keeps the last 1,000 results in memory unless told not to: at 1,000 rows a
+    # batch that was most of a long run's memory, growing with the run. The result is on
+    # disk (persisted) and read once, by the stage.
+    cache_result_in_memory=False,
 )
 def fetch_batch(
     source: Source, batch: Batch, slots: RequestSlots, clients: ClientThread
