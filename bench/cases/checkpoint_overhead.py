@@ -80,6 +80,9 @@ def run(bench: Bench) -> CaseResult:
             env = bench.env(
                 MARKET_API_URL=sim.base_url,
                 SYNCPOINT_DATABASE_URL=f"sqlite:///{where / 'sync.db'}",
+                # The flow is called directly, as a deployment run is: it reads tickers
+                # files only from the folder the worker allows.
+                SYNCPOINT_TICKERS_DIR=str(file.parent),
             )
             sample = watched(sim, args, env=env, cwd=where, what=f"case 6 marks {marks}")
             report = json.loads(sample.timed.stdout.strip().splitlines()[-1])
