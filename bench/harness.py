@@ -362,6 +362,32 @@ def bench_module(module: str, *args: str) -> list[str]:
     return [PYTHON, "-m", f"bench.{module}", *args]
 
 
+def baseline_sync(
+    base_url: str,
+    tickers: Path,
+    database: Path,
+    *,
+    concurrency: int,
+    day: str = DAY,
+    extra: Sequence[str] = (),
+) -> list[str]:
+    """The hand-written script's command line (bench/baseline_sync.py) against `base_url`."""
+    return bench_module(
+        "baseline_sync",
+        "--base-url",
+        base_url,
+        "--tickers-file",
+        str(tickers),
+        "--database",
+        str(database),
+        "--date",
+        day,
+        "--concurrency",
+        str(concurrency),
+        *extra,
+    )
+
+
 class Failed(RuntimeError):
     """A run the case needed did not do what it had to; the case reports an error."""
 

@@ -23,7 +23,7 @@ from bench.harness import (
     Bench,
     CaseResult,
     Failed,
-    bench_module,
+    baseline_sync,
     sqlite_scalar,
     syncpoint_cli,
     tickers_file,
@@ -167,19 +167,7 @@ def run(bench: Bench) -> CaseResult:
 
         # The baseline: no checkpoint, so a kill loses all it fetched.
         base_dir = bench.folder("crash-baseline")
-        base = bench_module(
-            "baseline_sync",
-            "--base-url",
-            sim.base_url,
-            "--tickers-file",
-            str(file),
-            "--database",
-            str(base_dir / "baseline.db"),
-            "--date",
-            DAY,
-            "--concurrency",
-            str(CONCURRENCY),
-        )
+        base = baseline_sync(sim.base_url, file, base_dir / "baseline.db", concurrency=CONCURRENCY)
         share = done_at_kill / items
         sim.reset_stats()
         _kill_when(base, bench.env(), base_dir, lambda: _item_requests(sim) >= share * items)

@@ -24,7 +24,7 @@ from bench.harness import (
     Failed,
     Sample,
     SimProcess,
-    bench_module,
+    baseline_sync,
     median,
     spread,
     syncpoint_cli,
@@ -71,21 +71,13 @@ def run(bench: Bench) -> CaseResult:
             for label in order:
                 where = bench.folder(f"fill-cache-{label}-{rep}")
                 if label == "baseline":
-                    args = bench_module(
-                        "baseline_sync",
-                        "--base-url",
+                    args = baseline_sync(
                         sim.base_url,
-                        "--tickers-file",
-                        str(file),
-                        "--database",
-                        str(where / "baseline.db"),
-                        "--date",
-                        end.isoformat(),
-                        "--days",
-                        str(days),
-                        "--concurrency",
-                        str(CONCURRENCY),
-                        "--prices-only",
+                        file,
+                        where / "baseline.db",
+                        concurrency=CONCURRENCY,
+                        day=end.isoformat(),
+                        extra=("--days", str(days), "--prices-only"),
                     )
                     env = bench.env()
                 else:

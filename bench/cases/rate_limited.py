@@ -15,7 +15,7 @@ from bench.harness import (
     CaseResult,
     Sample,
     SimProcess,
-    bench_module,
+    baseline_sync,
     median,
     spread,
     syncpoint_cli,
@@ -67,20 +67,12 @@ def run(bench: Bench) -> CaseResult:
             for label in order:
                 where = bench.folder(f"rate-{label}-{rep}")
                 if label == "baseline":
-                    args = bench_module(
-                        "baseline_sync",
-                        "--base-url",
+                    args = baseline_sync(
                         sim.base_url,
-                        "--tickers-file",
-                        str(file),
-                        "--database",
-                        str(where / "baseline.db"),
-                        "--date",
-                        DAY,
-                        "--concurrency",
-                        str(CONCURRENCY),
-                        "--rate-limit",
-                        str(LIMIT_PER_MINUTE),
+                        file,
+                        where / "baseline.db",
+                        concurrency=CONCURRENCY,
+                        extra=("--rate-limit", str(LIMIT_PER_MINUTE)),
                     )
                     env = bench.env()
                 else:

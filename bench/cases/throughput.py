@@ -21,7 +21,7 @@ from bench.harness import (
     Failed,
     Sample,
     SimProcess,
-    bench_module,
+    baseline_sync,
     median,
     spread,
     syncpoint_cli,
@@ -70,18 +70,8 @@ def run(bench: Bench) -> CaseResult:
             for label in order:
                 where = bench.folder(f"throughput-{label.replace(' ', '')}-{rep}")
                 if label == "baseline":
-                    args = bench_module(
-                        "baseline_sync",
-                        "--base-url",
-                        sim.base_url,
-                        "--tickers-file",
-                        str(file),
-                        "--database",
-                        str(where / "baseline.db"),
-                        "--date",
-                        DAY,
-                        "--concurrency",
-                        str(CONCURRENCY),
+                    args = baseline_sync(
+                        sim.base_url, file, where / "baseline.db", concurrency=CONCURRENCY
                     )
                     env = bench.env()
                 else:
