@@ -63,7 +63,9 @@ def test_a_dead_local_process_is_recognised_at_once(sqlite_url: str) -> None:
 def test_second_start_of_a_running_date_is_refused_then_first_completes(
     prefect_api: str, tmp_path: Path
 ) -> None:
-    with MarketSimulator(SimulatorConfig(latency_ms=80)) as sim:
+    # 400 requests, two at a time, 150 ms each: the first run lasts about 30 s, longer
+    # than the three refused starts take on a loaded machine (each one is a CLI start).
+    with MarketSimulator(SimulatorConfig(latency_ms=150)) as sim:
         file = tickers_file(tmp_path, list(sim.data.sp500_symbols[:200]))
         db = tmp_path / "sync.db"
         env = cli_env(
