@@ -15,7 +15,6 @@ Any of those ends the window with a warning instead of reading forever.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 import math
@@ -23,11 +22,11 @@ import threading
 import time
 import zlib
 from collections import deque
-from collections.abc import Coroutine, Hashable
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import TracebackType
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -36,7 +35,7 @@ from sqlalchemy import select
 from syncpoint.blocks.dip_api import DipApi
 from syncpoint.core.db import Database, storage_errors
 from syncpoint.core.errors import ItemError
-from syncpoint.core.http import ApiClient
+from syncpoint.core.http import ApiClient, ClientThread
 from syncpoint.core.interrupts import StopFlag
 from syncpoint.core.ledger import Ledger
 from syncpoint.core.redact import redact
@@ -67,30 +66,22 @@ WALKER_POLL_SECONDS = 0.2
 WALKER_JOIN_SECONDS = 5.0
 
 
-T = TypeVar("T")
-
-
 class PageReader:
-    """One API client for a whole stream, on an event loop thread of its own.
+    """One API client for a whole stream, on an event loop thread of its own (a
+    ClientThread, as a batch stage has).
 
     A client per segment (an async task each) paid for new connection pools, their TLS
     contexts and a Prefect client every 500 records: measured, more than the pages
     themselves cost at 20 ms of latency. Here the connections stay open from the first
-    page to the last; the walker hands its requests to this loop.
+    page to the last; the walker hands its requests to the client's loop. A request still
+    in flight when the stream ends (it failed, or stopped mid-page) is cancelled.
     """
 
     def __init__(self, api: DipApi) -> None:
-        self._api = api
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(
-            target=self._loop.run_forever, name="syncpoint-page-reader", daemon=True
-        )
-        self._client: ApiClient | None = None
+        self._clients = ClientThread(api.client())
 
     def __enter__(self) -> PageReader:
-        self._thread.start()
-        client = self._api.client()
-        self._client = self._run(client.__aenter__())
+        self._clients.__enter__()
         return self
 
     def __exit__(
@@ -99,36 +90,15 @@ class PageReader:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        try:
-            self._run(self._cancel_others())
-            if self._client is not None:
-                self._run(self._client.__aexit__(exc_type, exc, tb))
-        finally:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join()
-            self._loop.close()
+        self._clients.__exit__(exc_type, exc, tb)
 
-    @staticmethod
-    async def _cancel_others() -> None:
-        """A request still in flight (the stream failed, or stopped mid-page) is cut off:
-        its caller gets CancelledError instead of waiting on a loop that is gone."""
-        current = asyncio.current_task()
-        pending = [other for other in asyncio.all_tasks() if other is not current]
-        for other in pending:
-            other.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
+    def get_page(self, path: str, params: dict[str, str]) -> tuple[Any, int]:
+        """The decoded answer and how many requests it took (retries included)."""
 
-    @property
-    def requests_sent(self) -> int:
-        return self._client.requests_sent if self._client is not None else 0
+        async def read(client: ApiClient) -> tuple[Any, int]:
+            return await client.get_json(path, params), client.requests_sent
 
-    def get_json(self, path: str, params: dict[str, str]) -> Any:
-        if self._client is None:
-            raise RuntimeError("PageReader used outside `with`")
-        return self._run(self._client.get_json(path, params))
-
-    def _run(self, coroutine: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+        return self._clients.run(read)
 
 
 class _Recent:
@@ -406,13 +376,12 @@ class PageWalker:
                 if not self._wait_for_budget():
                     self._put(_Page(last=True, answered=False))
                     return
-                sent_before = self._reader.requests_sent
                 params = window_filters(self._window)
                 if walking:
                     params["cursor"] = walking
-                payload = self._reader.get_json(f"/api/v1/{self._entity}", params)
+                payload, requests = self._reader.get_page(f"/api/v1/{self._entity}", params)
                 page = self._page(walking, payload)
-                page.requests = self._reader.requests_sent - sent_before
+                page.requests = requests
                 self._put(page)
                 if page.last:
                     return
