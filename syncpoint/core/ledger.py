@@ -220,6 +220,16 @@ def bucket(status: str, error_kind: str | None) -> str:
     return "retrying" if error_kind == ErrorKind.TRANSIENT.value else "failed"
 
 
+def _drop_runs(conn: Connection, ids: Sequence[str]) -> None:
+    """Delete runs with their items and counts, in the caller's transaction, in chunks an
+    IN list takes."""
+    for start in range(0, len(ids), _INSERT_CHUNK):
+        chunk = ids[start : start + _INSERT_CHUNK]
+        conn.execute(delete(sync_items).where(sync_items.c.run_id.in_(chunk)))
+        conn.execute(delete(sync_item_counts).where(sync_item_counts.c.run_id.in_(chunk)))
+        conn.execute(delete(sync_runs).where(sync_runs.c.run_id.in_(chunk)))
+
+
 def _bump(conn: Connection, run_id: str, stage: str, deltas: Counter[str]) -> None:
     """Move a stage's counts by `deltas`, in the caller's transaction (the one that
     changes the items: the counts can never disagree with them)."""
@@ -467,11 +477,7 @@ class Ledger:
             cond = and_(cond, sync_runs.c.run_key == run_key)
         with self.engine.begin() as conn:
             ids = [r[0] for r in conn.execute(select(sync_runs.c.run_id).where(cond))]
-            for start in range(0, len(ids), _INSERT_CHUNK):
-                chunk = ids[start : start + _INSERT_CHUNK]
-                conn.execute(delete(sync_items).where(sync_items.c.run_id.in_(chunk)))
-                conn.execute(delete(sync_item_counts).where(sync_item_counts.c.run_id.in_(chunk)))
-                conn.execute(delete(sync_runs).where(sync_runs.c.run_id.in_(chunk)))
+            _drop_runs(conn, ids)
         return len(ids)
 
     def expire(self, older_than_days: int) -> int:
@@ -487,11 +493,7 @@ class Ledger:
                     )
                 )
             ]
-            for start in range(0, len(ids), _INSERT_CHUNK):
-                chunk = ids[start : start + _INSERT_CHUNK]
-                conn.execute(delete(sync_items).where(sync_items.c.run_id.in_(chunk)))
-                conn.execute(delete(sync_item_counts).where(sync_item_counts.c.run_id.in_(chunk)))
-                conn.execute(delete(sync_runs).where(sync_runs.c.run_id.in_(chunk)))
+            _drop_runs(conn, ids)
         return len(ids)
 
     def _load(self, row: Any) -> Run:
@@ -629,9 +631,9 @@ class Ledger:
                 .where(*failed)
                 .values(status=ItemStatus.PENDING.value, error_kind=None, updated_at=_now())
             )
-            deltas = Counter(bucket(ItemStatus.FAILED.value, r.error_kind) for r in rows)
-            _bump(conn, run_id, stage, Counter({k: -v for k, v in deltas.items()}))
-            _bump(conn, run_id, stage, Counter(untouched=len(rows)))
+            moved = Counter(untouched=len(rows))
+            moved.subtract(bucket(ItemStatus.FAILED.value, r.error_kind) for r in rows)
+            _bump(conn, run_id, stage, moved)
         return sorted(r.item for r in rows)
 
     def pending(self, run_id: str, stage: str) -> list[PendingItem]:

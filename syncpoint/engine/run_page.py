@@ -131,11 +131,9 @@ class FlowRunPage:
     def progress(self, run_key: str, fraction: float, *, force: bool = False) -> None:
         self.sections.setdefault(run_key, _Section("")).fraction = fraction
         percent = self.percent()
-        due = (
+        due = self._bar is None or (
             abs(percent - self._bar) >= MIN_BAR_STEP
             and time.monotonic() - self._bar_at >= MIN_BAR_SECONDS
-            if self._bar is not None
-            else True
         )
         if force or due:
             self._call(self._put_progress, percent)
