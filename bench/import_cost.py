@@ -3,7 +3,7 @@
     python -m bench.import_cost
 
 Prints JSON: seconds to import prefect, then seconds to import what the CLI imports on top
-(flows.daily_sync and its tasks, pandas, SQLAlchemy, the blocks, prefect-sqlalchemy).
+(flows.daily_sync and its tasks, SQLAlchemy, the blocks, prefect-sqlalchemy).
 """
 
 from __future__ import annotations

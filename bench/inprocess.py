@@ -95,10 +95,6 @@ def main(argv: list[str] | None = None) -> int:
         time_checkpoint_writes()
     time_upserts()
 
-    # The store step imports pandas on its first batch (so a no-op rerun never pays for
-    # it); here that one-off would land inside the timed call and inside the first upsert.
-    import pandas  # noqa: F401
-
     from syncpoint.flows.daily_sync import daily_sync
 
     started, cpu_started = time.perf_counter(), time.process_time()

@@ -214,6 +214,6 @@ def _notes(result: CaseResult, reports: dict[tuple[str, str], dict[str, Any]], r
         "statement per insert. The reference, the chunk's rows through one parameterised "
         f"INSERT ... ON CONFLICT DO UPDATE with executemany, writes {reference:,.0f} rows/s, "
         f"{reference / lite['rows_per_second']:.1f}x syncpoint's upsert: the difference is "
-        "what upsert does beyond executing one statement (its pandas de-duplication and "
-        "type conversion of the rows, and however it builds its statement)."
+        "what upsert does beyond executing one statement (its de-duplication on the key, "
+        "the rows turned into tuples, and the dates into SQLite's text form)."
     )

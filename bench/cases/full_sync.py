@@ -414,7 +414,7 @@ def run(bench: Bench) -> CaseResult:
         f"Per-repetition ratios ({', '.join(f'{r:.2f}' for r in ratios)}) spread with the "
         "load of this shared machine (see the load average above): each pair of runs met "
         "the same conditions, and their median is the figure. syncpoint uses more CPU than "
-        "the loop (pandas and SQLAlchemy in the store, Prefect's task runs), which the "
+        "the loop (SQLAlchemy in the store, Prefect's task runs), which the "
         "20 ms of latency hides on an idle machine and a busy one shows."
     )
     return result

@@ -1,4 +1,4 @@
-"""Storing: rows -> pandas (dedupe, types) -> one upsert statement per batch.
+"""Storing: rows -> distinct tuples -> one upsert statement per batch.
 
 Upserts on natural keys make a replayed batch harmless: at-least-once delivery,
 exactly-once effect.
@@ -17,9 +17,10 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date, timedelta
-from typing import TYPE_CHECKING, Any, cast
+from operator import itemgetter
+from typing import Any
 
-from sqlalchemy import JSON, Connection, Dialect, Table, func, select
+from sqlalchemy import JSON, Connection, Dialect, Float, Table, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import (
     DataError,
@@ -36,9 +37,6 @@ from syncpoint.core.ledger import ErrorKind, ItemOutcome
 from syncpoint.core.redact import redact
 from syncpoint.core.tables import dcf_valuations, dip_documents, stock_prices
 
-if TYPE_CHECKING:
-    import pandas as pd
-
 # Which tables a batch may write, by the name a source declares.
 TABLES: dict[str, Table] = {t.name: t for t in (stock_prices, dcf_valuations, dip_documents)}
 
@@ -46,16 +44,32 @@ TABLES: dict[str, Table] = {t.name: t for t in (stock_prices, dcf_valuations, di
 COPY_FROM_ROWS = 1000
 
 
-def to_frame(table: Table, rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
-    """Rows as a frame with the table's columns, one row per key (the last one wins)."""
-    # Imported here: pandas is a third of what the flow modules cost to import, and a
-    # rerun of a completed date never stores anything: a no-op rerun skips that cost.
-    import pandas as pd
+def distinct_rows(table: Table, rows: Sequence[dict[str, Any]]) -> list[tuple[Any, ...]]:
+    """Rows as tuples in the table's column order, one per key (the last one wins).
 
+    A column a row lacks, and a float NaN, are None: what every DBAPI binds as NULL.
+    Plain Python on purpose: a backfill batch is thousands of rows a few microseconds
+    apart, and a DataFrame round trip cost more than the statement that stores them.
+    """
     columns = [c.name for c in table.columns]
-    frame = pd.DataFrame.from_records(list(rows), columns=columns)
-    keys = [c.name for c in table.primary_key.columns]
-    return frame.drop_duplicates(subset=keys, keep="last")
+    key = itemgetter(*(columns.index(c.name) for c in table.primary_key.columns))
+    floats = [i for i, c in enumerate(table.columns) if isinstance(c.type, Float)]
+    keyed: dict[Any, tuple[Any, ...]] = {}
+    for row in rows:
+        values = tuple(map(row.get, columns))
+        keyed[key(values)] = values
+    distinct = list(keyed.values())
+    if floats and any(v != v for i in floats for v in _column(distinct, i)):
+        # NaN, the one value unequal to itself: rare enough to mend row by row.
+        distinct = [
+            tuple(None if i in floats and v != v else v for i, v in enumerate(values))
+            for values in distinct
+        ]
+    return distinct
+
+
+def _column(rows: list[tuple[Any, ...]], i: int) -> Iterator[Any]:
+    return map(itemgetter(i), rows)
 
 
 def upsert(conn: Connection, table_name: str, rows: Sequence[dict[str, Any]]) -> int:
@@ -63,46 +77,54 @@ def upsert(conn: Connection, table_name: str, rows: Sequence[dict[str, Any]]) ->
     if not rows:
         return 0
     table = TABLES[table_name]
-    frame = to_frame(table, rows)
-    # Python objects, None for a missing value: what every DBAPI binds.
-    values = frame.astype(object).where(frame.notna(), None)
+    values = distinct_rows(table, rows)
+    columns = tuple(c.name for c in table.columns)
     keys = [c.name for c in table.primary_key.columns]
-    columns = tuple(str(c) for c in frame.columns)
     dialect = conn.dialect.name
     if dialect == "sqlite":
-        _sqlite_upsert(conn, table, columns, [values[c].tolist() for c in columns])
-        return len(frame)
-    records = cast(list[dict[str, Any]], values.to_dict(orient="records"))
-    if dialect == "postgresql" and len(records) >= COPY_FROM_ROWS and _copyable(table):
-        _copy_upsert(conn, table, list(columns), keys, records)
+        _sqlite_upsert(conn, table, columns, values)
+    elif dialect == "postgresql" and len(values) >= COPY_FROM_ROWS and _copyable(table):
+        _copy_upsert(conn, table, list(columns), keys, values)
     elif dialect == "postgresql":
         pg = postgresql.insert(table)
         stmt = pg.on_conflict_do_update(
             index_elements=keys,
             set_={c: pg.excluded[c] for c in columns if c not in keys},
         )
-        conn.execute(stmt, records)
+        conn.execute(stmt, [dict(zip(columns, v, strict=True)) for v in values])
     else:  # pragma: no cover - Database.from_url refuses other backends
         raise ValueError(f"no upsert for {dialect}")
-    return len(records)
+    return len(values)
 
 
 def _sqlite_upsert(
-    conn: Connection, table: Table, columns: tuple[str, ...], values: list[list[Any]]
+    conn: Connection, table: Table, columns: tuple[str, ...], values: list[tuple[Any, ...]]
 ) -> None:
     """One INSERT ... ON CONFLICT DO UPDATE, compiled once per table, through executemany.
 
-    `values` holds one list per column. Each column goes through its type's own bind
-    processor (a date becomes SQLAlchemy's text form, as everywhere else) and the rows go
-    to the driver as tuples: SQLAlchemy's per-row parameter handling cost more than
-    running the statement (a five-year backfill stores 6,300 rows a batch).
+    Each column that has one goes through its type's own bind processor (a date becomes
+    SQLAlchemy's text form, as everywhere else) and the rows go to the driver as tuples:
+    SQLAlchemy's per-row parameter handling cost more than running the statement (a
+    five-year backfill stores 6,300 rows a batch).
     """
     sql, plan = _sqlite_statement(table, columns, conn.dialect)
-    bound = [
-        column if process is None else [process(v) for v in column]
-        for column, process in zip(values, plan, strict=True)
-    ]
-    conn.exec_driver_sql(sql, list(zip(*bound, strict=True)))
+    if any(plan):
+        by_column: list[Sequence[Any]] = list(zip(*values, strict=True))
+        for i, process in enumerate(plan):
+            if process is not None:
+                by_column[i] = _processed(by_column[i], process)
+        values = list(zip(*by_column, strict=True))
+    conn.exec_driver_sql(sql, values)
+
+
+def _processed(column: Sequence[Any], process: Callable[[Any], Any]) -> list[Any]:
+    """A column through its bind processor, once per distinct value where values repeat
+    (a backfill batch has its few hundred days once per ticker)."""
+    try:
+        memo = {v: process(v) for v in set(column)}
+    except TypeError:  # an unhashable value (a JSON document): each one on its own
+        return [process(v) for v in column]
+    return [memo[v] for v in column]
 
 
 _SqliteStatement = tuple[str, tuple[Callable[[Any], Any] | None, ...]]
@@ -315,7 +337,7 @@ def _copy_upsert(
     table: Table,
     columns: list[str],
     keys: list[str],
-    records: list[dict[str, Any]],
+    values: list[tuple[Any, ...]],
 ) -> None:
     """PostgreSQL bulk upsert: COPY into a temporary table, then one INSERT ... SELECT
     ... ON CONFLICT DO UPDATE. Several times faster than multi-row INSERTs for big
@@ -336,8 +358,8 @@ def _copy_upsert(
         )
         cur.execute(f'TRUNCATE "{stage}"')  # an earlier chunk of this transaction
         with cur.copy(f'COPY "{stage}" ({names}) FROM STDIN') as copy:
-            for record in records:
-                copy.write_row([record[c] for c in columns])
+            for row in values:
+                copy.write_row(row)
         cur.execute(
             f'INSERT INTO "{table.name}" ({names}) SELECT {names} FROM "{stage}" '
             f"ON CONFLICT ({conflict}) DO UPDATE SET {updates}"

@@ -8,6 +8,7 @@ from datetime import date, timedelta
 from typing import Any
 
 import pytest
+from sqlalchemy.exc import IntegrityError
 
 from syncpoint.core.db import Database
 from syncpoint.core.store import COPY_FROM_ROWS, cached_tickers, upsert
@@ -69,3 +70,19 @@ def test_cached_tickers_cover_the_range(database_url: str) -> None:
     with engine.connect() as conn:
         got = cached_tickers(conn, ["FULL", "HALF", "NONE"], date(2025, 1, 1), date(2025, 3, 1))
     assert got == {"FULL"}
+
+
+@pytest.mark.parametrize("rows_per_batch", [1, COPY_FROM_ROWS], ids=["insert", "bulk"])
+@pytest.mark.parametrize("gap", ["nan", "missing"])
+def test_a_missing_value_or_nan_is_null(database_url: str, rows_per_batch: int, gap: str) -> None:
+    """A column a row lacks and a float NaN both reach the database as NULL on every
+    path, so a NOT NULL column refuses them: a NaN is never stored as PostgreSQL's NaN."""
+    engine = Database.from_url(database_url).engine()
+    rows = bars(["GAP"], rows_per_batch)
+    if gap == "nan":
+        rows[-1]["open"] = math.nan
+    else:
+        del rows[-1]["volume"]
+    with pytest.raises(IntegrityError, match=r"(?i)null"), engine.begin() as conn:
+        upsert(conn, "stock_prices", rows)
+    assert table_rows(database_url, "stock_prices") == []
