@@ -23,6 +23,7 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
+from prefect.serializers import PickleSerializer
 
 from syncpoint.core.db import Database
 from syncpoint.core.errors import ConfigError, FatalApiError, ItemError, RetriableApiError
@@ -93,6 +94,10 @@ def batch_cache_key(_context: TaskRunContext, parameters: dict[str, Any]) -> str
     # batch that was most of a long run's memory, growing with the run. The result is on
     # disk (persisted) and read once, by the stage.
     cache_result_in_memory=False,
+    # The standard library's pickler: cloudpickle calls back into Python for every date
+    # in the rows (thousands a batch) to learn what the C pickler already knows. A batch
+    # holds only this module's dataclasses and plain values.
+    result_serializer=PickleSerializer(picklelib="pickle"),
 )
 def fetch_batch(
     source: Source, batch: Batch, slots: RequestSlots, clients: ClientThread
