@@ -31,6 +31,7 @@ from prefect.futures import PrefectFuture
 from prefect.utilities.annotations import quote
 
 from syncpoint.core.db import Database
+from syncpoint.core.gc_pace import fewer_collections
 from syncpoint.core.http import ClientThread
 from syncpoint.core.interrupts import StopFlag
 from syncpoint.core.ledger import ErrorKind, ItemOutcome, Ledger, PendingItem, StageCounts
@@ -210,6 +211,8 @@ def planned_items(
     return count
 
 
+# A stage makes a dict and a tuple per row: see syncpoint.core.gc_pace.
+@fewer_collections()
 def map_batches(
     *,
     ledger: Ledger,
