@@ -20,7 +20,7 @@ from datetime import date, timedelta
 from operator import itemgetter
 from typing import Any
 
-from sqlalchemy import JSON, Connection, Dialect, Float, Table, func, select
+from sqlalchemy import JSON, Column, Connection, Date, Dialect, Float, Table, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import (
     DataError,
@@ -33,6 +33,7 @@ from sqlalchemy.exc import (
 
 from syncpoint.core.db import Database, storage_errors
 from syncpoint.core.errors import StorageError
+from syncpoint.core.gc_pace import fewer_collections
 from syncpoint.core.ledger import ErrorKind, ItemOutcome
 from syncpoint.core.redact import redact
 from syncpoint.core.tables import dcf_valuations, dip_documents, stock_prices
@@ -72,6 +73,8 @@ def _column(rows: list[tuple[Any, ...]], i: int) -> Iterator[Any]:
     return map(itemgetter(i), rows)
 
 
+# Tens of thousands of row tuples a call: see syncpoint.core.gc_pace.
+@fewer_collections()
 def upsert(conn: Connection, table_name: str, rows: Sequence[dict[str, Any]]) -> int:
     """Insert or update `rows` into `table_name` on its primary key; returns rows written."""
     if not rows:
@@ -112,19 +115,19 @@ def _sqlite_upsert(
         by_column: list[Sequence[Any]] = list(zip(*values, strict=True))
         for i, process in enumerate(plan):
             if process is not None:
-                by_column[i] = _processed(by_column[i], process)
+                by_column[i] = _processed(by_column[i], process, table.columns[columns[i]])
         values = list(zip(*by_column, strict=True))
     conn.exec_driver_sql(sql, values)
 
 
-def _processed(column: Sequence[Any], process: Callable[[Any], Any]) -> list[Any]:
-    """A column through its bind processor, once per distinct value where values repeat
-    (a backfill batch has its few hundred days once per ticker)."""
-    try:
+def _processed(column: Sequence[Any], process: Callable[[Any], Any], of: Column[Any]) -> list[Any]:
+    """A column through its bind processor; a date column once per distinct day (a
+    backfill batch holds its few hundred days once per ticker, and SQLAlchemy formats a
+    date in Python)."""
+    if isinstance(of.type, Date):
         memo = {v: process(v) for v in set(column)}
-    except TypeError:  # an unhashable value (a JSON document): each one on its own
-        return [process(v) for v in column]
-    return [memo[v] for v in column]
+        return [memo[v] for v in column]
+    return list(map(process, column))
 
 
 _SqliteStatement = tuple[str, tuple[Callable[[Any], Any] | None, ...]]
