@@ -4,10 +4,11 @@ CPython runs its cyclic collector every 700 new container objects. A backfill ba
 tens of thousands (a dict and a tuple per row, over a heap that holds Prefect, pydantic
 and SQLAlchemy), so a five-year fill-cache spent about a sixth of its CPU in the
 collector, finding almost nothing: rows hold dates and numbers, not cycles. While a stage
-(map_batches) or an upsert runs, the youngest generation is collected every 100,000 objects instead; the older
-generations keep their pace relative to it. Measured on a 600-ticker backfill: 7,115
-collections and 2.6 s of CPU became 28 and 0.4 s, and the run 15.1 s -> 13.2 s; upserting
-50,000-row chunks into SQLite went from 208,000 to 300,000 rows/s.
+(map_batches) or an upsert runs, the youngest generation is collected every 100,000
+objects instead; the older generations keep their pace relative to it. Measured on a
+600-ticker backfill: 7,115 collections and 2.6 s of CPU became 28 and 0.4 s, and the run
+15.1 s -> 13.2 s; upserting 50,000-row chunks into SQLite went from 208,000 to 300,000
+rows/s.
 
 Process-wide state, so it is counted: the first stage in sets it, the last one out
 restores what was there (stages may run in threads of one process, as the tests do).
