@@ -22,7 +22,7 @@ from typing import Any
 
 from sqlalchemy import Connection
 
-from syncpoint.core.ledger import ItemOutcome, Ledger
+from syncpoint.core.ledger import ItemOutcome, Lease, Ledger
 
 MARK_SECONDS = [0.0]
 UPSERT_SECONDS = [0.0]
@@ -55,9 +55,10 @@ def time_checkpoint_writes() -> None:
         stage: str,
         outcomes: Sequence[ItemOutcome],
         batch_no: int | None = None,
+        lease: Lease | None = None,
     ) -> None:
         began = time.perf_counter()
-        original(self, conn, run_id, stage, outcomes, batch_no)
+        original(self, conn, run_id, stage, outcomes, batch_no, lease)
         if stage != "universe":
             MARK_SECONDS[0] += time.perf_counter() - began
 
@@ -74,9 +75,10 @@ def checkpoint_writes_off() -> None:
         stage: str,
         outcomes: Sequence[ItemOutcome],
         batch_no: int | None = None,
+        lease: Lease | None = None,
     ) -> None:
         if stage == "universe":
-            original(self, conn, run_id, stage, outcomes, batch_no)
+            original(self, conn, run_id, stage, outcomes, batch_no, lease)
 
     Ledger.mark = mark  # type: ignore[method-assign]
 

@@ -73,6 +73,11 @@ class RunBusy(CheckpointError):
     """Another live process is working on this run."""
 
 
+class LeaseLost(CheckpointError):
+    """A batch's lease ran out (or was never this worker's): its marks are refused, and
+    the transaction they were part of, the batch's rows included, is rolled back."""
+
+
 def new_owner() -> str:
     """host:pid:token — who holds a run, precise enough to tell a dead holder."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -173,6 +178,19 @@ class PendingItem:
 
 
 @dataclass(frozen=True)
+class Lease:
+    """A batch of a stage's pending items, leased to one worker until `until` (by the
+    database's clock): see Ledger.lease."""
+
+    run_id: str
+    stage: str
+    batch_no: int
+    owner: str
+    items: tuple[PendingItem, ...]
+    until: datetime
+
+
+@dataclass(frozen=True)
 class ItemOutcome:
     """What one batch learnt about one item; every item of a batch gets one."""
 
@@ -260,6 +278,30 @@ class ItemFailure:
     batch_no: int | None
 
 
+def _fence(
+    lease: Lease,
+    items: Sequence[str],
+    held: dict[str, tuple[str | None, datetime | None]],
+    now: datetime,
+) -> None:
+    """LeaseLost unless every one of `items` is still leased to `lease.owner` at `now`."""
+    lost = [
+        item
+        for item in items
+        if item in held and not (held[item][0] == lease.owner and (held[item][1] or now) > now)
+    ]
+    if lost:
+        raise LeaseLost(
+            f"batch {lease.batch_no} of {lease.stage}: the lease on {len(lost)} of its "
+            f"{len(items)} items ran out before its marks (first: {lost[0]}); another "
+            "worker may have them now"
+        )
+
+
+def _by_item(pending: PendingItem) -> str:
+    return pending.item
+
+
 def _chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:
     chunk: list[str] = []
     for item in items:
@@ -280,6 +322,19 @@ def _aware(value: datetime | None) -> datetime | None:
     if value is not None and value.tzinfo is None:
         return value.replace(tzinfo=UTC)
     return value
+
+
+def _db_now(conn: Connection) -> datetime:
+    """The database's clock. Leases are compared by it, so workers on hosts whose clocks
+    disagree still agree on when a lease has run out."""
+    value: datetime = conn.execute(select(func.now())).scalar_one()
+    # SQLite's CURRENT_TIMESTAMP is UTC without saying so.
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+# The counts row (sync_item_counts) that holds a stage's last leased batch number: a
+# lease takes the next one without scanning the stage for its highest.
+_LEASED_BATCHES = "leased_batches"
 
 
 class Ledger:
@@ -677,6 +732,104 @@ class Ledger:
                 return
             after = page[-1].item
 
+    def lease(self, run_id: str, stage: str, owner: str, size: int, seconds: float) -> Lease | None:
+        """Lease the next `size` pending items of a stage to `owner` for `seconds`, as the
+        next batch; None when no pending item is free.
+
+        Pending means what pending_pages yields, less the items under a lease that has
+        not run out. An expired lease is anyone's to take: a worker that died costs its
+        leased batches, once the lease runs out. Leases of one run take turns (the run's
+        row is written first: its row lock on PostgreSQL, the write lock on SQLite), so
+        batch numbers are unique; the items are taken with an UPDATE that repeats its
+        conditions, so an item marked meanwhile is never leased again.
+        """
+        if size < 1 or seconds <= 0:
+            raise ValueError("size must be at least 1 and seconds positive")
+        item = sync_items.c
+        here = (item.run_id == run_id, item.stage == stage)
+        with self.engine.begin() as conn:
+            now = _db_now(conn)
+            taken = conn.execute(
+                update(sync_runs).where(sync_runs.c.run_id == run_id).values(updated_at=now)
+            )
+            if taken.rowcount != 1:
+                raise CheckpointError(f"no run {run_id} to lease items of")
+            free = (
+                (item.status == ItemStatus.PENDING.value)
+                | (item.error_kind == ErrorKind.TRANSIENT.value),
+                item.lease_until.is_(None) | (item.lease_until <= now),
+            )
+            candidates = (
+                select(item.item)
+                .where(*here, *free)
+                .order_by(item.item)
+                .limit(size)
+                .with_for_update(skip_locked=True)  # PostgreSQL; SQLite has no row locks
+            )
+            chosen = list(conn.execute(candidates).scalars())
+            if not chosen:
+                return None
+            number = self._next_leased_batch(conn, run_id, stage)
+            until = now + timedelta(seconds=seconds)
+            rows = conn.execute(
+                update(sync_items)
+                .where(*here, *free, item.item.in_(chosen))
+                .values(lease_owner=owner, lease_until=until, batch_no=number)
+                .returning(item.item, item.attempts)
+            ).all()
+        leased = tuple(sorted((PendingItem(r.item, r.attempts) for r in rows), key=_by_item))
+        return Lease(run_id, stage, number, owner, leased, until) if leased else None
+
+    def _next_leased_batch(self, conn: Connection, run_id: str, stage: str) -> int:
+        counter = (
+            sync_item_counts.c.run_id == run_id,
+            sync_item_counts.c.stage == stage,
+            sync_item_counts.c.bucket == _LEASED_BATCHES,
+        )
+        last = conn.execute(select(sync_item_counts.c.n).where(*counter)).scalar()
+        if last is None:
+            # The stage's first lease: continue after batches planned without leases.
+            start = conn.execute(
+                select(func.max(sync_items.c.batch_no)).where(
+                    sync_items.c.run_id == run_id, sync_items.c.stage == stage
+                )
+            ).scalar()
+            number = int(start or 0) + 1
+            conn.execute(
+                insert(sync_item_counts).values(
+                    run_id=run_id, stage=stage, bucket=_LEASED_BATCHES, n=number
+                )
+            )
+            return number
+        conn.execute(update(sync_item_counts).where(*counter).values(n=last + 1))
+        return int(last) + 1
+
+    def renew(self, lease: Lease, seconds: float) -> Lease:
+        """Extend a lease still held to `seconds` from now; LeaseLost if it ran out first
+        (its items may be someone else's by now)."""
+        item = sync_items.c
+        with self.engine.begin() as conn:
+            now = _db_now(conn)
+            until = now + timedelta(seconds=seconds)
+            names = [p.item for p in lease.items]
+            renewed = conn.execute(
+                update(sync_items)
+                .where(
+                    item.run_id == lease.run_id,
+                    item.stage == lease.stage,
+                    item.item.in_(names),
+                    item.lease_owner == lease.owner,
+                    item.lease_until > now,
+                )
+                .values(lease_until=until)
+            )
+            if renewed.rowcount != len(names):
+                raise LeaseLost(
+                    f"batch {lease.batch_no} of {lease.stage}: the lease ran out before it "
+                    "was renewed"
+                )
+        return replace(lease, until=until)
+
     def count_pending(self, run_id: str, stage: str) -> int:
         """How many items pending_pages would yield now (two rows of the counts read)."""
         with self.engine.connect() as conn:
@@ -697,23 +850,34 @@ class Ledger:
         stage: str,
         outcomes: Sequence[ItemOutcome],
         batch_no: int | None = None,
+        lease: Lease | None = None,
     ) -> None:
-        """Record a batch's outcomes on `conn`: the caller's transaction, after its data."""
+        """Record a batch's outcomes on `conn`: the caller's transaction, after its data.
+
+        With `lease` (a sharded run), every item must still be leased to its owner, by
+        the database's clock, or LeaseLost is raised and nothing is marked: the caller's
+        transaction, the batch's rows with it, rolls back. On PostgreSQL the items' rows
+        stay locked until that transaction ends, so nobody can lease them in between.
+        """
         if not outcomes:
             return
         now = _now()
         # Where the items were before, so the counts move with them (a batch's rows by
         # primary key: the cost follows the batch, not the run).
         was: dict[str, str] = {}
+        held: dict[str, tuple[str | None, datetime | None]] = {}
+        c = sync_items.c
         for chunk in _chunks(dict.fromkeys(o.item for o in outcomes), _CHUNK):
-            for item, status, kind in conn.execute(
-                select(sync_items.c.item, sync_items.c.status, sync_items.c.error_kind).where(
-                    sync_items.c.run_id == run_id,
-                    sync_items.c.stage == stage,
-                    sync_items.c.item.in_(chunk),
-                )
-            ):
+            query = select(c.item, c.status, c.error_kind, c.lease_owner, c.lease_until).where(
+                c.run_id == run_id, c.stage == stage, c.item.in_(chunk)
+            )
+            if lease is not None:
+                query = query.with_for_update()
+            for item, status, kind, owner, until in conn.execute(query):
                 was[item] = bucket(status, kind)
+                held[item] = (owner, _aware(until))
+        if lease is not None:
+            _fence(lease, [o.item for o in outcomes], held, _db_now(conn))
         deltas: Counter[str] = Counter()
         for o in outcomes:
             if o.item in was:  # an item the ledger does not hold is not updated either
@@ -735,6 +899,8 @@ class Ledger:
                 attempts=sync_items.c.attempts + 1,
                 batch_no=bindparam("b_batch"),
                 updated_at=bindparam("b_now"),
+                lease_owner=None,
+                lease_until=None,
             )
         )
         conn.execute(

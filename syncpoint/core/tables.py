@@ -150,12 +150,17 @@ sync_items = Table(
     Column("last_error", Text),
     Column("batch_no", Integer),
     Column("updated_at", DateTime(timezone=True)),
+    # A sharded run's batch lease (Ledger.lease): who fetches the item now, and until when.
+    # An expired lease is anyone's to take; a mark by anyone else is refused (fencing).
+    Column("lease_owner", String(200)),
+    Column("lease_until", DateTime(timezone=True)),
     Index("idx_sync_items_run_stage_status", "run_id", "stage", "status"),
 )
 
 # How many of a stage's items are in each bucket (untouched, done, failed, retrying), kept
 # in the same transactions that change sync_items: `syncpoint status`, the run page and
-# the planner read four rows instead of counting a stage of half a million items.
+# the planner read four rows instead of counting a stage of half a million items. One more
+# row, bucket 'leased_batches', holds a sharded stage's last leased batch number.
 sync_item_counts = Table(
     "sync_item_counts",
     metadata,
