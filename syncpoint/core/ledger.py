@@ -732,15 +732,26 @@ class Ledger:
                 return
             after = page[-1].item
 
-    def lease(self, run_id: str, stage: str, owner: str, size: int, seconds: float) -> Lease | None:
-        """Lease the next `size` pending items of a stage to `owner` for `seconds`, as the
-        next batch; None when no pending item is free.
+    def lease(
+        self,
+        run_id: str,
+        stage: str,
+        owner: str,
+        size: int,
+        seconds: float,
+        *,
+        retry_below: int | None = None,
+    ) -> Lease | None:
+        """Lease the next `size` items of a stage to `owner` for `seconds`, as the next
+        batch; None when no such item is free.
 
-        Pending means what pending_pages yields, less the items under a lease that has
-        not run out. An expired lease is anyone's to take: a worker that died costs its
-        leased batches, once the lease runs out. Leases of one run take turns (the run's
-        row is written first: its row lock on PostgreSQL, the write lock on SQLite), so
-        batch numbers are unique; the items are taken with an UPDATE that repeats its
+        The items are the untouched ones (status pending); with `retry_below`, instead
+        the transient failures attempted fewer than that many times: a second pass that
+        cannot come round to the same failure forever. An item under a lease that has
+        not run out is nobody else's. An expired lease is anyone's to take: a worker that
+        died costs its leased batches, once the lease runs out. Leases of one run take
+        turns (the run's row is written first: its row lock on PostgreSQL, the write lock
+        on SQLite), so batch numbers are unique; the items are taken with an UPDATE that repeats its
         conditions, so an item marked meanwhile is never leased again.
         """
         if size < 1 or seconds <= 0:
@@ -754,11 +765,16 @@ class Ledger:
             )
             if taken.rowcount != 1:
                 raise CheckpointError(f"no run {run_id} to lease items of")
-            free = (
-                (item.status == ItemStatus.PENDING.value)
-                | (item.error_kind == ErrorKind.TRANSIENT.value),
-                item.lease_until.is_(None) | (item.lease_until <= now),
+            wanted = (
+                (item.status == ItemStatus.PENDING.value,)
+                if retry_below is None
+                else (
+                    item.status == ItemStatus.FAILED.value,
+                    item.error_kind == ErrorKind.TRANSIENT.value,
+                    item.attempts < retry_below,
+                )
             )
+            free = (*wanted, item.lease_until.is_(None) | (item.lease_until <= now))
             candidates = (
                 select(item.item)
                 .where(*here, *free)
@@ -804,31 +820,20 @@ class Ledger:
         conn.execute(update(sync_item_counts).where(*counter).values(n=last + 1))
         return int(last) + 1
 
-    def renew(self, lease: Lease, seconds: float) -> Lease:
-        """Extend a lease still held to `seconds` from now; LeaseLost if it ran out first
-        (its items may be someone else's by now)."""
+    def renew(self, run_id: str, owner: str, seconds: float) -> int:
+        """Extend every lease `owner` still holds in a run to `seconds` from now; how many
+        items that covers. A lease that has run out is not renewed (its items may be
+        someone else's by now): its marks will be refused."""
         item = sync_items.c
         with self.engine.begin() as conn:
             now = _db_now(conn)
-            until = now + timedelta(seconds=seconds)
-            names = [p.item for p in lease.items]
-            renewed = conn.execute(
-                update(sync_items)
-                .where(
-                    item.run_id == lease.run_id,
-                    item.stage == lease.stage,
-                    item.item.in_(names),
-                    item.lease_owner == lease.owner,
-                    item.lease_until > now,
-                )
-                .values(lease_until=until)
+            return int(
+                conn.execute(
+                    update(sync_items)
+                    .where(item.run_id == run_id, item.lease_owner == owner, item.lease_until > now)
+                    .values(lease_until=now + timedelta(seconds=seconds))
+                ).rowcount
             )
-            if renewed.rowcount != len(names):
-                raise LeaseLost(
-                    f"batch {lease.batch_no} of {lease.stage}: the lease ran out before it "
-                    "was renewed"
-                )
-        return replace(lease, until=until)
 
     def count_pending(self, run_id: str, stage: str) -> int:
         """How many items pending_pages would yield now (two rows of the counts read)."""

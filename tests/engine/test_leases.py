@@ -11,7 +11,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from datetime import date
+from datetime import UTC, date, datetime
 
 import pytest
 from sqlalchemy import select, update
@@ -149,33 +149,48 @@ def test_a_lease_that_really_runs_out_can_be_taken(shared: tuple[Ledger, str]) -
     assert len(taken.items) == 40
 
 
-def test_renewing_keeps_a_lease_and_fails_once_it_is_lost(shared: tuple[Ledger, str]) -> None:
+def test_renewing_keeps_what_is_held_and_not_what_ran_out(shared: tuple[Ledger, str]) -> None:
     ledger, run_id = shared
-    lease = ledger.lease(run_id, STAGE, new_owner(), 4, 60)
-    assert lease is not None
-    renewed = ledger.renew(lease, 600)
-    assert renewed.until > lease.until
-    assert ledger.lease(run_id, STAGE, new_owner(), 40, 60) is not None  # the other 36
-    expire(ledger, renewed)
+    owner = new_owner()
+    kept = ledger.lease(run_id, STAGE, owner, 4, 60)
+    lapsed = ledger.lease(run_id, STAGE, owner, 4, 60)
+    assert kept is not None
+    assert lapsed is not None
+    expire(ledger, lapsed)
+    assert ledger.renew(run_id, owner, 600) == 4  # the held lease only
     taker = ledger.lease(run_id, STAGE, new_owner(), 4, 60)
     assert taker is not None
+    assert [p.item for p in taker.items] == [p.item for p in lapsed.items]
+    with ledger.engine.connect() as conn:
+        until = conn.execute(
+            select(sync_items.c.lease_until).where(sync_items.c.item == kept.items[0].item)
+        ).scalar_one()
+    assert _utc(until) > kept.until  # renewed past the first term
+    mark_leased(ledger, kept)
     with pytest.raises(LeaseLost):
-        ledger.renew(renewed, 600)
-    mark_leased(ledger, taker)
+        mark_leased(ledger, lapsed)
 
 
-def test_settled_items_are_never_leased_and_transient_failures_are(
-    shared: tuple[Ledger, str],
-) -> None:
+def _utc(value: datetime) -> datetime:
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def test_a_retry_pass_leases_transient_failures_once(shared: tuple[Ledger, str]) -> None:
+    """The first pass leases untouched items only, so a transient failure is not leased
+    again at once; a retry pass leases failures attempted fewer than `retry_below` times,
+    so it cannot come round to the same one forever. Settled items are never leased."""
     ledger, run_id = shared
     owner = new_owner()
     lease = ledger.lease(run_id, STAGE, owner, 40, 60)
     assert lease is not None
     names = [p.item for p in lease.items]
     mark_leased(ledger, lease, [*done(*names[:38]), *(transient(n) for n in names[38:])])
-    again = ledger.lease(run_id, STAGE, owner, 40, 60)
+    assert ledger.lease(run_id, STAGE, owner, 40, 60) is None
+    again = ledger.lease(run_id, STAGE, owner, 40, 60, retry_below=2)
     assert again is not None
     assert [(p.item, p.attempts) for p in again.items] == [(n, 1) for n in names[38:]]
+    mark_leased(ledger, again, [transient(n) for n in names[38:]])
+    assert ledger.lease(run_id, STAGE, owner, 40, 60, retry_below=2) is None
 
 
 def test_a_mark_without_a_lease_is_not_fenced(shared: tuple[Ledger, str]) -> None:
