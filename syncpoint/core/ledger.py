@@ -835,6 +835,23 @@ class Ledger:
                 ).rowcount
             )
 
+    def release_lease(self, lease: Lease) -> None:
+        """Give up what is still this lease's (its items free at once, for anyone): after
+        its marks were refused, so that no item stays held by a worker that will not
+        store it."""
+        item = sync_items.c
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(sync_items)
+                .where(
+                    item.run_id == lease.run_id,
+                    item.stage == lease.stage,
+                    item.item.in_([p.item for p in lease.items]),
+                    item.lease_owner == lease.owner,
+                )
+                .values(lease_owner=None, lease_until=None)
+            )
+
     def count_pending(self, run_id: str, stage: str) -> int:
         """How many items pending_pages would yield now (two rows of the counts read)."""
         with self.engine.connect() as conn:

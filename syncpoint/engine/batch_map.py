@@ -21,10 +21,11 @@ loop (syncpoint.core.http.ClientThread): a batch boundary opens nothing.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import cast
 
 from prefect.futures import PrefectFuture
@@ -32,9 +33,17 @@ from prefect.utilities.annotations import quote
 
 from syncpoint.core.db import Database
 from syncpoint.core.gc_pace import fewer_collections
+from syncpoint.core.heartbeat import LeaseKeeper
 from syncpoint.core.http import ClientThread
 from syncpoint.core.interrupts import StopFlag
-from syncpoint.core.ledger import ErrorKind, ItemOutcome, Ledger, PendingItem, StageCounts
+from syncpoint.core.ledger import (
+    ErrorKind,
+    ItemOutcome,
+    LeaseLost,
+    Ledger,
+    PendingItem,
+    StageCounts,
+)
 from syncpoint.core.request_slots import RequestSlots
 from syncpoint.sources.source import Source
 from syncpoint.tasks.batches import Batch, BatchOutcome, fetch_batch, store_batch
@@ -107,6 +116,9 @@ class StageRun:
     batches: int = 0
     items_processed: int = 0
     fatal: str | None = None
+    # Leased batches whose lease ran out before their store (a sharded run): nothing of
+    # them was written; whoever took their items over stores them.
+    leases_lost: int = 0
     # Items whose fetch failed transiently (a second pass may take them): the only
     # outcomes kept, so a stage of half a million items holds its failures, not its items.
     transient: list[str] = field(default_factory=list)
@@ -120,6 +132,7 @@ class StageRun:
             batches=self.batches + later.batches,
             items_processed=self.items_processed + later.items_processed,
             fatal=self.fatal or later.fatal,
+            leases_lost=self.leases_lost + later.leases_lost,
             transient=[*self.transient, *later.transient],
         )
 
@@ -193,6 +206,39 @@ def iter_batches(
         yield Batch(run_id, stage, number, tuple(chunk))
 
 
+@dataclass(frozen=True)
+class LeaseTerms:
+    """How one worker of a sharded run takes its batches (Ledger.lease): as `owner`, each
+    for `seconds` (renewed while it works: syncpoint.core.heartbeat.LeaseKeeper); the
+    untouched items, or with `retry_below` the transient failures attempted fewer times."""
+
+    owner: str
+    seconds: float = 300.0
+    retry_below: int | None = None
+
+
+def leased_batches(
+    ledger: Ledger,
+    *,
+    run_id: str,
+    stage: str,
+    batch_size: int,
+    terms: LeaseTerms,
+    max_batches: int | None = None,
+) -> Iterator[Batch]:
+    """Batches leased one at a time, as the pipeline asks for them, until no item is free
+    (the rest may be under other workers' leases) or `max_batches` were taken."""
+    taken = 0
+    while max_batches is None or taken < max_batches:
+        lease = ledger.lease(
+            run_id, stage, terms.owner, batch_size, terms.seconds, retry_below=terms.retry_below
+        )
+        if lease is None:
+            return
+        taken += 1
+        yield Batch(run_id, stage, lease.batch_no, lease.items, lease)
+
+
 def planned_items(
     pending: int,
     *,
@@ -228,6 +274,7 @@ def map_batches(
     max_batches: int | None = None,
     only: frozenset[str] | None = None,
     into: StageRun | None = None,
+    leases: LeaseTerms | None = None,
 ) -> StageRun:
     """Run a stage's pending items in batches until done, capped, stopped or fatal.
 
@@ -235,27 +282,47 @@ def map_batches(
     restricts it to those items. Batch numbers continue across invocations of a run.
     `into` is counted into as the stage goes (and returned), so a caller still knows what
     went out when a store step fails and this raises.
+
+    With `leases` (one worker of a sharded run) the batches are leased instead of planned,
+    until no item is free (map_shard waits for the rest); a batch whose lease ran out
+    before its store is counted in `leases_lost` and left to whoever took it over.
     """
-    # Planned lazily, page by page: a stage of half a million items is never in memory.
-    upcoming = iter_batches(
-        ledger.pending_pages(run_id, stage),
-        run_id=run_id,
-        stage=stage,
-        batch_size=batch_size,
-        first_number=ledger.last_batch_no(run_id, stage) + 1,
-        max_items=max_items,
-        max_batches=max_batches,
-        only=only,
-    )
+    base = ledger.counts(run_id, stage).get(stage, StageCounts())
+    upcoming: Iterator[Batch]
+    if leases is None:
+        # Planned lazily, page by page: a stage of half a million items is never in memory.
+        upcoming = iter_batches(
+            ledger.pending_pages(run_id, stage),
+            run_id=run_id,
+            stage=stage,
+            batch_size=batch_size,
+            first_number=ledger.last_batch_no(run_id, stage) + 1,
+            max_items=max_items,
+            max_batches=max_batches,
+            only=only,
+        )
+        pending = ledger.count_pending(run_id, stage)
+    else:
+        if max_items is not None or only is not None:
+            raise ValueError("a sharded stage takes no max_items or only")
+        upcoming = leased_batches(
+            ledger,
+            run_id=run_id,
+            stage=stage,
+            batch_size=batch_size,
+            terms=leases,
+            max_batches=max_batches,
+        )
+        # Shared with the other workers: this one's share is not known in advance.
+        pending = base.untouched if leases.retry_below is None else base.retrying
     planned = planned_items(
-        ledger.count_pending(run_id, stage),
+        pending,
         batch_size=batch_size,
         max_items=max_items,
         max_batches=max_batches,
         only=only,
     )
     batches_total = -(-planned // batch_size)
-    base = ledger.counts(run_id, stage).get(stage, StageCounts())
     tally = {"done": base.done, "failed": base.failed, "retrying": base.retrying}
     result = into if into is not None else StageRun()
     started = time.monotonic()
@@ -263,7 +330,7 @@ def map_batches(
     depth = fetches_in_flight(source.concurrency, batch_size)
     # Opened once for the stage, closed when it ends (after every fetch has finished).
     clients = ClientThread(source.client())
-    fetching: deque[PrefectFuture[BatchOutcome]] = deque()
+    fetching: deque[tuple[Batch, PrefectFuture[BatchOutcome]]] = deque()
     storing: tuple[BatchOutcome, PrefectFuture[int]] | None = None
 
     def fetch_next() -> None:
@@ -271,19 +338,30 @@ def map_batches(
             return  # no new batch; the ones in flight still finish and are stored
         batch = next(upcoming, None)
         if batch is not None:
-            fetching.append(fetch_batch.submit(source, batch, slots, clients))
+            fetching.append((batch, fetch_batch.submit(source, batch, slots, clients)))
 
-    def count(fetched: PrefectFuture[BatchOutcome]) -> BatchOutcome:
+    def count(batch: Batch, fetched: PrefectFuture[BatchOutcome]) -> BatchOutcome:
         outcome = fetched.result()
         if _from_cache(fetched):
             # The outcome an earlier attempt fetched, requests and all: none went out now.
             result.batches_reused += 1
         else:
             result.requests += outcome.requests
-        return outcome
+        # Stored as the batch planned now: a cached outcome carries the batch number and
+        # lease of the attempt that fetched it (another worker's, after a takeover).
+        return replace(outcome, batch=batch)
 
     def settle(outcome: BatchOutcome, future: PrefectFuture[int]) -> None:
-        result.rows_written += future.result()
+        try:
+            written = future.result()
+        except LeaseLost:
+            # Nothing written; the items are another worker's now. Whatever of the lease
+            # is still this worker's is given up, so that no item waits on it.
+            result.leases_lost += 1
+            if outcome.batch.lease is not None:
+                ledger.release_lease(outcome.batch.lease)
+            return
+        result.rows_written += written
         result.batches += 1
         result.items_processed += len(outcome.outcomes)
         result.transient.extend(
@@ -315,7 +393,7 @@ def map_batches(
         for _ in range(depth):
             fetch_next()
         while fetching:
-            outcome = count(fetching.popleft())
+            outcome = count(*fetching.popleft())
             result.fatal = result.fatal or outcome.fatal
             # The next fetch first, before waiting on a store: the slots this batch's
             # tail freed must find items queued, whatever the store step costs.
@@ -339,10 +417,10 @@ def map_batches(
         # flight finish, so their results reach the fetch cache for the rerun and no
         # thread goes on sending after the stage has ended.
         try:
-            for future in fetching:
+            for batch, future in fetching:
                 future.wait()
                 if future.state.is_completed():
-                    count(future)  # not stored now, but its requests went out
+                    count(batch, future)  # not stored now, but its requests went out
             clients.__exit__(None, None, None)
         finally:
             # A batch that was fetched is always stored before the stage ends, whatever
@@ -350,6 +428,63 @@ def map_batches(
             if storing is not None:
                 settle(*storing)
     return result
+
+
+def map_shard(
+    *,
+    ledger: Ledger,
+    data: Database,
+    checkpoints: Database,
+    run_id: str,
+    stage: str,
+    source: Source,
+    batch_size: int,
+    terms: LeaseTerms,
+    stop: StopFlag,
+    on_progress: Callable[[Progress], None],
+    logger: logging.Logger | logging.LoggerAdapter[logging.Logger],
+    poll_seconds: float | None = None,
+) -> StageRun:
+    """One worker's share of a sharded stage: lease and process batches until the stage
+    has no untouched item left, stopped or fatal.
+
+    When nothing is free but other workers still hold leases, it waits (`poll_seconds`)
+    and tries again: a live worker marks its batches, and a dead one's leases run out and
+    are taken here, so the stage ends settled whichever workers survive. This worker's
+    own leases are renewed while it runs. A retry pass (`terms.retry_below`) sweeps once
+    and does not wait: a failure leased by a worker that died stays for the next run.
+    """
+    result = StageRun()
+    wait = poll_seconds if poll_seconds is not None else min(5.0, terms.seconds / 4)
+    keeper = LeaseKeeper(
+        ledger, run_id, terms.owner, seconds=terms.seconds, stop=stop, logger=logger
+    )
+    keeper.start()
+    try:
+        while True:
+            map_batches(
+                ledger=ledger,
+                data=data,
+                checkpoints=checkpoints,
+                run_id=run_id,
+                stage=stage,
+                source=source,
+                batch_size=batch_size,
+                max_items=None,
+                stop=stop,
+                on_progress=on_progress,
+                into=result,
+                leases=terms,
+            )
+            if stop.requested or result.fatal or terms.retry_below is not None:
+                return result
+            if ledger.counts(run_id, stage).get(stage, StageCounts()).untouched == 0:
+                return result
+            deadline = time.monotonic() + wait
+            while not stop.requested and time.monotonic() < deadline:
+                time.sleep(min(0.2, wait))
+    finally:
+        keeper.close()
 
 
 def _from_cache(future: PrefectFuture[BatchOutcome]) -> bool:

@@ -28,7 +28,7 @@ from prefect.serializers import PickleSerializer
 from syncpoint.core.db import Database
 from syncpoint.core.errors import ConfigError, FatalApiError, ItemError, RetriableApiError
 from syncpoint.core.http import ApiClient, ClientThread
-from syncpoint.core.ledger import ErrorKind, ItemOutcome, Ledger, PendingItem
+from syncpoint.core.ledger import ErrorKind, ItemOutcome, Lease, LeaseLost, Ledger, PendingItem
 from syncpoint.core.redact import redact
 from syncpoint.core.request_slots import RequestSlots
 from syncpoint.core.store import ItemRows, write_items_then_checkpoint
@@ -43,6 +43,10 @@ class Batch:
     stage: str
     number: int
     items: tuple[PendingItem, ...]
+    # A sharded run's batch is leased (Ledger.lease): its marks are fenced by the lease.
+    # Not part of the fetch cache key: a batch taken over after a lease ran out reuses
+    # what its first holder fetched. None in batches cached by an older syncpoint.
+    lease: Lease | None = None
 
 
 @dataclass
@@ -185,10 +189,14 @@ def unexpected(exc: BaseException) -> str:
     cache_policy=NO_CACHE,
     retries=2,
     retry_delay_seconds=[1, 5],
+    retry_condition_fn=lambda _task, _run, state: not isinstance(state.data, LeaseLost),
 )
 def store_batch(data: Database, checkpoints: Database, table: str, outcome: BatchOutcome) -> int:
     """Upsert the batch's rows, then mark its items: data first, marks after. Items
-    whose rows the database refuses are marked failed with its reason instead."""
+    whose rows the database refuses are marked failed with its reason instead.
+
+    A leased batch whose lease ran out raises LeaseLost, writes nothing and is not
+    retried: another worker has its items now (a retry would be refused the same way)."""
     ledger = Ledger(checkpoints.engine())
     batch = outcome.batch
     written, marked = write_items_then_checkpoint(
@@ -196,7 +204,9 @@ def store_batch(data: Database, checkpoints: Database, table: str, outcome: Batc
         checkpoints,
         table,
         outcome.units(),
-        lambda conn, outcomes: ledger.mark(conn, batch.run_id, batch.stage, outcomes, batch.number),
+        lambda conn, outcomes: ledger.mark(
+            conn, batch.run_id, batch.stage, outcomes, batch.number, lease=batch.lease
+        ),
     )
     for before, after in zip(outcome.outcomes, marked, strict=True):
         if after != before:

@@ -199,3 +199,21 @@ def test_a_mark_without_a_lease_is_not_fenced(shared: tuple[Ledger, str]) -> Non
     with ledger.engine.begin() as conn:
         ledger.mark(conn, run_id, STAGE, done("T000", "T001"), 1)
     assert ledger.counts(run_id, STAGE)[STAGE].done == 2
+
+
+def test_releasing_frees_only_what_is_still_the_releasers(shared: tuple[Ledger, str]) -> None:
+    ledger, run_id = shared
+    mine = ledger.lease(run_id, STAGE, new_owner(), 5, 600)
+    lapsed = ledger.lease(run_id, STAGE, new_owner(), 5, 600)
+    assert mine is not None
+    assert lapsed is not None
+    expire(ledger, lapsed)
+    taker = ledger.lease(run_id, STAGE, new_owner(), 5, 600)
+    assert taker is not None
+    ledger.release_lease(mine)  # free at once, long before its ten minutes
+    ledger.release_lease(lapsed)  # the taker's now: left alone
+    again = ledger.lease(run_id, STAGE, new_owner(), 40, 600)
+    assert again is not None
+    assert {p.item for p in again.items} >= {p.item for p in mine.items}
+    assert not {p.item for p in again.items} & {p.item for p in taker.items}
+    mark_leased(ledger, taker)
