@@ -34,6 +34,7 @@ START, END = "2026-09-01", "2026-11-20"
 ITEMS = 240
 BATCH = 10
 CONCURRENCY = 4
+LEASE_SECONDS = 10
 
 
 @pytest.fixture
@@ -56,6 +57,9 @@ def start_worker(url: str, api: str, run_id: str, prefect_api: str) -> subproces
     args = [sys.executable, "-m", "tests.integration.shard_worker", "--database", url]
     args += ["--api", api, "--run", run_id, "--stage", STAGE, "--start", START, "--end", END]
     args += ["--batch-size", str(BATCH), "--concurrency", str(CONCURRENCY)]
+    # Long enough that a loaded machine never lets a live worker's lease run out (that
+    # would only cost requests), short enough that the dead worker's come back soon.
+    args += ["--lease-seconds", str(LEASE_SECONDS)]
     env = cli_env(prefect_api, PYTHONPATH=str(ROOT))
     return subprocess.Popen(
         args, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
