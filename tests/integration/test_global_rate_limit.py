@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 
+from syncpoint.core.rate_limit import DRAWS_IN_FLIGHT, RateLimiter
 from syncpoint.simulator import MarketSimulator, SimulatorConfig
 from tests.conftest import cli_env, run_cli, tickers_file
 
@@ -88,3 +90,22 @@ def test_missing_global_limit_is_a_configuration_error(
     assert result.returncode == 2, result.stdout + result.stderr
     assert "global concurrency limit 'no-such-limit' does not exist" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_global_limit_is_drawn_in_chunks(prefect_api: str) -> None:
+    """Each draw is a round trip to the Prefect API: 25 requests at once take three or
+    four draws of ten slots (limit 20, 40 slots a second: half a second's worth, at most
+    half the slots; two draws may be in flight at the end), not 25 draws of one."""
+    name = "chunked-budget"
+    with get_client(sync_client=True) as client:
+        client.create_global_concurrency_limit(
+            GlobalConcurrencyLimitCreate(name=name, limit=20, slot_decay_per_second=40.0)
+        )
+    limiter = RateLimiter(None, global_limit=name)
+
+    async def requests() -> None:
+        await asyncio.gather(*(limiter.acquire() for _ in range(25)))
+
+    asyncio.run(requests())
+    assert 3 <= limiter.draws <= 3 + DRAWS_IN_FLIGHT - 1
+    assert limiter.sent == 25

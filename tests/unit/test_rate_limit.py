@@ -18,7 +18,7 @@ from syncpoint.core.interrupts import (
     interruptible_sleep,
     stop_requested,
 )
-from syncpoint.core.rate_limit import RateLimiter, drop_limiter, shared_limiter
+from syncpoint.core.rate_limit import RateLimiter, drop_limiter, global_chunk, shared_limiter
 
 
 @pytest.fixture(autouse=True)
@@ -227,3 +227,17 @@ def test_interruptible_returns_what_it_waited_for() -> None:
         return 42
 
     assert asyncio.run(interruptible(answer(), 1.0)) == 42
+
+
+@pytest.mark.parametrize(
+    ("limit", "decay", "chunk"),
+    [
+        (100, 100.0, 50),  # half a second of the budget
+        (20, 100.0, 10),  # at most half the slots, so two workers each hold a chunk
+        (5, 8.0, 2),
+        (1, 0.5, 1),  # at least one
+        (10, 0.0, 1),  # no decay read: one at a time
+    ],
+)
+def test_global_chunk(limit: int, decay: float, chunk: int) -> None:
+    assert global_chunk(limit, decay) == chunk
