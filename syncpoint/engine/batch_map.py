@@ -301,7 +301,7 @@ def map_batches(
             max_batches=max_batches,
             only=only,
         )
-        pending = ledger.count_pending(run_id, stage)
+        pending = base.pending
     else:
         if max_items is not None or only is not None:
             raise ValueError("a sharded stage takes no max_items or only")
