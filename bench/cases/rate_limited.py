@@ -62,7 +62,7 @@ def run(bench: Bench) -> CaseResult:
             f"`python -m bench.baseline_sync --rate-limit {LIMIT_PER_MINUTE}` (evenly spaced, "
             f"honours Retry-After); and at the defaults with MARKET_API_GLOBAL_RATE_LIMIT instead: "
             f"a Prefect global concurrency limit of {GLOBAL_SLOTS} slots decaying at "
-            f"{LIMIT_PER_MINUTE // 60}/s, the budget every worker of a sharded run shares. "
+            f"{LIMIT_PER_MINUTE // 60}/s, one budget for every process using the API. "
             f"syncpoint {reps} run(s) of each, the baseline once."
         ),
         command="scripts/bench --case 2" + (" --quick" if bench.quick else ""),

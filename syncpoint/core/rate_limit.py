@@ -8,8 +8,8 @@ as soon as a stop is requested (syncpoint.core.interrupts).
 
 A Prefect global concurrency limit (one budget for every worker and process) is drawn in
 chunks: each draw is a round trip to the Prefect API, made one at a time per process, so
-one slot per request delivered well under the budget (49-79% in issue 17's probe; 22% of
-a 50-a-second limit measured here). Chunks of half a second's budget, two draws in
+one slot per request delivered well under the budget (22% of a 50-a-second limit,
+measured with Prefect 3.8.8 on two cores). Chunks of half a second's budget, two draws in
 flight, delivered 99% of it. The slots of a chunk are spent one per request; what is left
 when a run ends (two chunks at most) is never used and decays: the limit's own cap still
 bounds what all workers together can take.

@@ -1,4 +1,4 @@
-"""Several workers on one run (issue 17's engine): leases, fencing and a kill -9, on
+"""Several workers on one run (map_shard): leases, fencing and a kill -9, on
 PostgreSQL, each worker its own process over real HTTP to the simulator.
 
 The run and its items are registered here, as the parent flow will; each worker is
