@@ -79,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="process at most N tickers per stage, then stop as partial",
     )
+    _shards_option(daily)
     daily.add_argument("--fresh", action="store_true", help="discard this date's checkpoint")
     daily.add_argument("--json", action="store_true", help="print the summary as JSON")
     _builtin_api_option(daily)
@@ -102,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     fill.add_argument(
         "--retry-failed", action="store_true", help="reprocess only the tickers that failed"
     )
+    _shards_option(fill)
     fill.add_argument("--json", action="store_true", help="print the summary as JSON")
     _builtin_api_option(fill)
     fill.set_defaults(handler=cmd_run_fill_cache)
@@ -168,6 +170,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _shards_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--shards",
+        type=int,
+        default=None,
+        help="spread the batches over N workers of a Prefect server (PREFECT_API_URL) "
+        "with the shard deployment; needs PostgreSQL (README: Sharded runs)",
+    )
+
+
+def _check_shards(shards: int | None) -> None:
+    """Several workers are child runs of a deployment: a server must be there to run them."""
+    from prefect.settings import get_current_settings
+
+    if shards is not None and shards > 1 and not get_current_settings().api.url:
+        raise ConfigError(
+            "--shards above 1 runs the batches on the workers of a Prefect server: set "
+            "PREFECT_API_URL to it (README: Sharded runs)"
+        )
+
+
 def _builtin_api_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--builtin-api",
@@ -197,9 +220,11 @@ def cmd_run_daily_sync(args: argparse.Namespace) -> int:
         "batch_size": args.batch_size,
         "concurrency": args.concurrency,
         "builtin_api": args.builtin_api or None,
+        "shards": args.shards,
     }
     # The flow resolves the same parameters the same way; this answers before Prefect starts.
     config = settings.resolve_daily_sync(**parameters)
+    _check_shards(args.shards)
     return _run_flow(
         "syncpoint.flows.daily_sync:daily_sync",
         {
@@ -229,8 +254,10 @@ def cmd_run_fill_cache(args: argparse.Namespace) -> int:
         "batch_size": args.batch_size,
         "concurrency": args.concurrency,
         "builtin_api": args.builtin_api or None,
+        "shards": args.shards,
     }
     config = settings.resolve_fill_cache(**parameters)
+    _check_shards(args.shards)
     return _run_flow(
         "syncpoint.flows.fill_cache:fill_cache",
         {

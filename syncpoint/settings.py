@@ -12,7 +12,7 @@ configured fails at once instead of syncing made-up prices into production table
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from syncpoint.blocks.checkpoint import CheckpointStore
     from syncpoint.blocks.dip_api import DipApi
     from syncpoint.blocks.market_api import MarketApi
+    from syncpoint.engine.shards import Shards
 
 DEFAULT_DATABASE_FILE = "syncpoint.db"
 DAILY_BATCH_SIZE = 50
@@ -43,6 +44,12 @@ DIP_CHECKPOINT_SECONDS = 30.0
 # DIP: "about 15 minutes" pass before a change is visible; windows overlap by that much.
 DIP_VISIBILITY_DELAY_MINUTES = 15.0
 RETRY_COOLDOWN_SECONDS = 30.0
+# Sharded runs: one worker unless asked; a lease long enough that a live worker renews it
+# many times over (every quarter of it) and short enough that a dead worker's items wait
+# two minutes, not the night.
+SHARDS = 1
+LEASE_SECONDS = 120.0
+SHARD_DEPLOYMENT = "syncpoint-shard/shard"  # flow name / deployment name in prefect.yaml
 
 
 def _env(name: str) -> Any:
@@ -96,6 +103,10 @@ class Environment(BaseSettings):
     retry_cooldown_seconds: float | None = Field(
         default=None, ge=0, validation_alias=AliasChoices("SYNCPOINT_RETRY_COOLDOWN_SECONDS")
     )
+    lease_seconds: float | None = Field(
+        default=None, ge=5, validation_alias=AliasChoices("SYNCPOINT_LEASE_SECONDS")
+    )
+    shard_deployment: str | None = _env("SYNCPOINT_SHARD_DEPLOYMENT")
     # The worker's setting only, never a flow parameter: it bounds what the tickers_file
     # parameter, which anyone starting a deployment run may set, can read.
     tickers_dir: Path | None = _env("SYNCPOINT_TICKERS_DIR")
@@ -327,6 +338,26 @@ class RunSettings(Generic[ApiT]):
     visibility_delay_minutes: float = DIP_VISIBILITY_DELAY_MINUTES
     # Seconds before a stage's transient failures get a second pass within the run.
     retry_cooldown: float = RETRY_COOLDOWN_SECONDS
+    # Workers a mapped stage is spread over (child runs of the shard deployment).
+    shards: int = SHARDS
+    lease_seconds: float = LEASE_SECONDS
+    shard_deployment: str = SHARD_DEPLOYMENT
+
+    def spread(self, job: str, run_key: str, parameters: Mapping[str, Any]) -> Shards | None:
+        """How the run's mapped stages are spread if it asked for more than one worker;
+        None: this process does them. `parameters` rebuild a stage in a shard (engine.shards)."""
+        if self.shards <= 1:
+            return None
+        from syncpoint.engine.shards import Shards
+
+        return Shards(
+            count=self.shards,
+            job=job,
+            run_key=run_key,
+            parameters=parameters,
+            deployment=self.shard_deployment,
+            lease_seconds=self.lease_seconds,
+        )
 
 
 def _common(
@@ -338,10 +369,12 @@ def _common(
     checkpoint_block: str | None,
     concurrency: int | None,
     builtin_api: bool | None,
+    shards: int | None = None,
 ) -> tuple[Environment, RunSettings[ApiT]]:
     """What every job resolves the same way, and the environment it was read from."""
     env = environment()
     positive("concurrency", concurrency)
+    positive("shards", shards)
     api = _api(
         kind,
         prefix=prefix,
@@ -355,8 +388,26 @@ def _common(
         checkpoint_store(checkpoint_block, env),
         api,
         retry_cooldown=_first(env.retry_cooldown_seconds, RETRY_COOLDOWN_SECONDS),
+        shards=_first(shards, SHARDS),
+        lease_seconds=_first(env.lease_seconds, LEASE_SECONDS),
+        shard_deployment=_first(env.shard_deployment, SHARD_DEPLOYMENT),
     )
+    if base.shards > 1:
+        check_shardable(base.data, base.checkpoints.target(base.data))
     return env, base
+
+
+def check_shardable(data: Database, checkpoints: Database) -> None:
+    """A run spread over several workers needs databases they all reach and that take
+    concurrent writers with row locks: PostgreSQL, for the data and the checkpoints."""
+    for role, db in (("data", data), ("checkpoint", checkpoints)):
+        if db.dialect != "postgresql":
+            raise ConfigError(
+                f"a run over several workers (shards > 1) needs its {role} database in "
+                f"PostgreSQL, which every worker reaches; this one is {db.dialect} "
+                f"({db.describe()}). Set SYNCPOINT_DATABASE_URL (or a database block) to a "
+                "PostgreSQL database, or run with shards 1"
+            )
 
 
 def resolve_daily_sync(
@@ -368,6 +419,7 @@ def resolve_daily_sync(
     market_api_block: str | None = None,
     database_block: str | None = None,
     checkpoint_block: str | None = None,
+    shards: int | None = None,
 ) -> RunSettings[MarketApi]:
     from syncpoint.blocks.market_api import MarketApi
 
@@ -381,6 +433,7 @@ def resolve_daily_sync(
         checkpoint_block=checkpoint_block,
         concurrency=concurrency,
         builtin_api=builtin_api,
+        shards=shards,
     )
     return replace(
         base,
@@ -397,6 +450,7 @@ def resolve_fill_cache(
     market_api_block: str | None = None,
     database_block: str | None = None,
     checkpoint_block: str | None = None,
+    shards: int | None = None,
 ) -> RunSettings[MarketApi]:
     from syncpoint.blocks.market_api import MarketApi
 
@@ -409,6 +463,7 @@ def resolve_fill_cache(
         checkpoint_block=checkpoint_block,
         concurrency=concurrency,
         builtin_api=builtin_api,
+        shards=shards,
     )
     # Five tickers a batch is the backfill's progress and checkpoint grain; SYNC_BATCH_SIZE
     # is the nightly sync's and does not apply here.

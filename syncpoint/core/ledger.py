@@ -647,6 +647,17 @@ class Ledger:
         with self.engine.connect() as conn:
             return list(conn.scalars(query.order_by(sync_items.c.item)))
 
+    def transient_failures(self, run_id: str, stage: str) -> list[str]:
+        """A stage's items whose last attempt failed transiently: the next pass's items."""
+        query = select(sync_items.c.item).where(
+            sync_items.c.run_id == run_id,
+            sync_items.c.stage == stage,
+            sync_items.c.status == ItemStatus.FAILED.value,
+            sync_items.c.error_kind == ErrorKind.TRANSIENT.value,
+        )
+        with self.engine.connect() as conn:
+            return list(conn.scalars(query.order_by(sync_items.c.item)))
+
     def last_batch_no(self, run_id: str, stage: str) -> int:
         with self.engine.connect() as conn:
             value = conn.execute(

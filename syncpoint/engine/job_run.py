@@ -48,6 +48,7 @@ from syncpoint.engine.batch_map import (
 from syncpoint.engine.origin import Origin
 from syncpoint.engine.report import summary_line
 from syncpoint.engine.run_page import RunPage
+from syncpoint.engine.shards import Shards, run_shards
 from syncpoint.sources.source import Source
 from syncpoint.sources.universe import Universe
 
@@ -124,6 +125,7 @@ class JobRun:
         # Batches the current stage fetches at once (its pipeline depth), for the stop notice.
         self._fetching = MIN_FETCHES_IN_FLIGHT
         self._last_progress_log = 0.0
+        self._sharded_seen = 0  # items a sharded stage's children settled, as last shown
         self.checkpoints = store.target(data)
         self.ledger = Ledger(self.checkpoints.engine())
         expired = self.ledger.expire(store.retention_days)
@@ -279,8 +281,14 @@ class JobRun:
         max_items: int | None = None,
         max_batches: int | None = None,
         only: frozenset[str] | None = None,
+        shards: Shards | None = None,
     ) -> StageReport:
-        """A stage that maps `source` over `items` (registered once per run) in batches."""
+        """A stage that maps `source` over `items` (registered once per run) in batches.
+
+        With `shards` (more than one), child runs of the shard deployment do the batches
+        (engine.shards) and this process waits; the second pass over transient failures
+        runs here, as it does for a run of one process.
+        """
 
         def body() -> StageRun:
             universe = items()
@@ -312,19 +320,66 @@ class JobRun:
                     into=self._passes[-1],
                 )
 
-            ran = one_pass(max_items, max_batches, only)
-            again = self._transient_items(ran)
+            if shards is not None and shards.count > 1 and only is None:
+                ran = self._sharded(name, shards, batch_size)
+                again = self._transient_items(
+                    ran, lambda: self.ledger.transient_failures(self.run_id, name)
+                )
+            else:
+                ran = one_pass(max_items, max_batches, only)
+                again = self._transient_items(ran, lambda: ran.transient)
             if again and self._cool_down(name, len(again)):
                 ran = ran.merged(one_pass(None, None, frozenset(again)))
             return ran
 
         return self.stage(name, body)
 
-    def _transient_items(self, ran: StageRun) -> list[str]:
+    def _transient_items(self, ran: StageRun, items: Callable[[], Sequence[str]]) -> list[str]:
         """Items this pass left with a transient failure, if a second pass may run."""
         if self.retry_cooldown is None or ran.fatal or self.stop.requested:
             return []
-        return list(ran.transient)
+        return list(items())
+
+    def _sharded(self, name: str, shards: Shards, batch_size: int) -> StageRun:
+        """The stage's batches done by child runs; progress from the ledger as they go."""
+        start = self._counts(name)
+        planned = start.untouched
+        began = time.monotonic()
+        batches_total = -(-planned // batch_size)
+
+        def on_wait(counts: StageCounts) -> None:
+            processed = max(0, counts.settled - start.settled)
+            if processed == self._sharded_seen:
+                return
+            self._sharded_seen = processed
+            self.progress(
+                Progress(
+                    stage=name,
+                    batches_done=min(batches_total, -(-processed // batch_size)),
+                    batches_total=batches_total,
+                    done=counts.done,
+                    failed=counts.failed,
+                    retrying=counts.retrying,
+                    total=counts.total,
+                    processed_now=processed,
+                    planned_now=planned,
+                    elapsed=time.monotonic() - began,
+                )
+            )
+
+        self._sharded_seen = 0
+        self._passes.append(StageRun())
+        ran = run_shards(
+            shards,
+            ledger=self.ledger,
+            run_id=self.run_id,
+            stage=name,
+            stop=self.stop,
+            logger=self.logger,
+            on_wait=on_wait,
+        )
+        self._passes[-1] = ran
+        return ran
 
     def _cool_down(self, stage: str, count: int) -> bool:
         """Wait before the second pass (an overloaded API often recovers in seconds); a

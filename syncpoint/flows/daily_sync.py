@@ -6,23 +6,39 @@ same date continues where the last attempt stopped and never requests a done tic
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from datetime import timedelta
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Any, Literal, cast
 
 from prefect import get_run_logger
 
 from syncpoint import settings
+from syncpoint.blocks.market_api import MarketApi
+from syncpoint.core.errors import ConfigError
 from syncpoint.engine.batch_map import StageRun
 from syncpoint.engine.job_run import JobRun
+from syncpoint.engine.shards import StageWork
 from syncpoint.flows.job_flow import UNSET, Count, Day, Switch, Text, job_flow
 from syncpoint.sources.market import PricesSource, ValuationsSource
+from syncpoint.sources.source import Source
 from syncpoint.sources.universe import Universe, readable_tickers_file
 from syncpoint.tasks.universe import resolve_universe
 
 JOB = "daily-sync"
 STAGES = ("universe", "prices", "valuations")
+# What a shard rebuilds its stage from (besides the run date): the settings as resolved
+# by the parent, and the names of the blocks each worker loads itself.
+SHARD_SETTINGS = (
+    "batch_size",
+    "concurrency",
+    "price_days",
+    "builtin_api",
+    "market_api_block",
+    "database_block",
+    "checkpoint_block",
+)
 
 
 def run_name(parameters: Mapping[str, Any]) -> str:
@@ -45,6 +61,7 @@ def daily_sync(
     market_api_block: Text = UNSET,
     database_block: Text = UNSET,
     checkpoint_block: Text = UNSET,
+    shards: Count = UNSET,
 ) -> dict[str, Any]:
     """Sync one day of market data: the tickers, their recent daily prices and their
     latest DCF valuations, into stock_prices and dcf_valuations.
@@ -76,6 +93,9 @@ def daily_sync(
             Empty: the worker's database.
         checkpoint_block: Name of a Syncpoint Checkpoint Store block. Empty: checkpoints
             are kept in the data database.
+        shards: Workers to spread the prices and valuations over: child runs of the
+            syncpoint-shard/shard deployment, on any worker of its pool. Needs the data
+            and checkpoints in PostgreSQL. Empty: 1, this run alone.
     """
     logger = get_run_logger()
     day = settings.run_date(run_date)
@@ -89,7 +109,10 @@ def daily_sync(
         market_api_block=market_api_block,
         database_block=database_block,
         checkpoint_block=checkpoint_block,
+        shards=shards,
     )
+    if config.shards > 1 and max_items is not None:
+        raise ConfigError("max_items goes with a run of one worker (shards 1)")
     # Whoever may start a deployment run sets tickers_file: it is refused here, before the
     # run starts, unless the worker allows the file (resolve-universe checks it again
     # where it reads it).
@@ -122,21 +145,52 @@ def daily_sync(
                 "universe", lambda: _universe(run, ticker_source, tickers_file, tickers_dir, api)
             )
             tickers = lambda: run.items_done("universe")  # noqa: E731
-            run.map_stage(
-                "prices",
-                PricesSource(api, day - timedelta(days=config.price_days), day),
-                items=tickers,
-                batch_size=config.batch_size,
-                max_items=max_items,
+            sources = stage_sources(api, day, config.price_days)
+            spread_over = config.spread(
+                JOB,
+                day.isoformat(),
+                {
+                    "run_date": day.isoformat(),
+                    "batch_size": config.batch_size,
+                    "concurrency": config.api.concurrency,
+                    "price_days": config.price_days,
+                    "builtin_api": config.api.builtin or None,
+                    "market_api_block": market_api_block,
+                    "database_block": database_block,
+                    "checkpoint_block": checkpoint_block,
+                },
             )
-            run.map_stage(
-                "valuations",
-                ValuationsSource(api),
-                items=tickers,
-                batch_size=config.batch_size,
-                max_items=max_items,
-            )
+            for stage in ("prices", "valuations"):
+                run.map_stage(
+                    stage,
+                    sources[stage],
+                    items=tickers,
+                    batch_size=config.batch_size,
+                    max_items=max_items,
+                    shards=spread_over,
+                )
             return run.finish()
+
+
+def stage_sources(api: MarketApi, day: date, price_days: int) -> dict[str, Source]:
+    """The mapped stages' sources of the run of `day`: one place for the parent and the
+    shards."""
+    return {
+        "prices": PricesSource(api, day - timedelta(days=price_days), day),
+        "valuations": ValuationsSource(api),
+    }
+
+
+@contextmanager
+def stage_work(stage: str, parameters: Mapping[str, Any]) -> Iterator[StageWork]:
+    """One stage of a daily-sync run as a shard rebuilds it from its parameters."""
+    day = settings.run_date(parameters.get("run_date"))
+    config = settings.resolve_daily_sync(**{k: parameters.get(k) for k in SHARD_SETTINGS})
+    with config.api.session() as api:
+        sources = stage_sources(api, day, config.price_days)
+        if stage not in sources:
+            raise ConfigError(f"{JOB} has no stage {stage!r} a shard can work on")
+        yield StageWork(config.data, config.checkpoints, sources[stage], config.batch_size)
 
 
 def _universe(

@@ -10,7 +10,8 @@ progress and of checkpoints) until done, or until `max_batches` for a time-boxed
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from datetime import date
 from typing import Any, Literal, cast
 
@@ -18,9 +19,11 @@ from prefect import get_run_logger
 
 from syncpoint import settings
 from syncpoint.blocks.market_api import MarketApi
+from syncpoint.core.errors import ConfigError
 from syncpoint.core.store import cached_tickers
 from syncpoint.engine.batch_map import StageRun
 from syncpoint.engine.job_run import JobRun
+from syncpoint.engine.shards import StageWork
 from syncpoint.flows.job_flow import UNSET, Count, Day, Switch, Text, Texts, job_flow
 from syncpoint.sources.market import PricesSource
 from syncpoint.sources.universe import Universe
@@ -28,6 +31,16 @@ from syncpoint.tasks.universe import resolve_universe
 
 JOB = "fill-cache"
 STAGES = ("universe", "history")
+# What a shard rebuilds the history stage from (besides the range): the settings as
+# resolved by the parent, and the names of the blocks each worker loads itself.
+SHARD_SETTINGS = (
+    "batch_size",
+    "concurrency",
+    "builtin_api",
+    "market_api_block",
+    "database_block",
+    "checkpoint_block",
+)
 
 
 def run_name(parameters: Mapping[str, Any]) -> str:
@@ -53,6 +66,7 @@ def fill_cache(
     market_api_block: Text = UNSET,
     database_block: Text = UNSET,
     checkpoint_block: Text = UNSET,
+    shards: Count = UNSET,
 ) -> dict[str, Any]:
     """Fill the daily price history of a ticker set between two dates into stock_prices.
 
@@ -80,6 +94,9 @@ def fill_cache(
             Empty: the worker's database.
         checkpoint_block: Name of a Syncpoint Checkpoint Store block. Empty: checkpoints
             are kept in the data database.
+        shards: Workers to spread the history over: child runs of the
+            syncpoint-shard/shard deployment, on any worker of its pool. Needs the data
+            and checkpoints in PostgreSQL. Empty: 1, this run alone.
     """
     logger = get_run_logger()
     first, last = settings.history_range(start, end)
@@ -92,7 +109,10 @@ def fill_cache(
         market_api_block=market_api_block,
         database_block=database_block,
         checkpoint_block=checkpoint_block,
+        shards=shards,
     )
+    if config.shards > 1 and max_batches is not None:
+        raise ConfigError("max_batches goes with a run of one worker (shards 1)")
     key = run_key(ticker_source, tickers, first, last)
 
     with (
@@ -125,8 +145,35 @@ def fill_cache(
             batch_size=config.batch_size,
             max_batches=max_batches,
             only=only,
+            shards=config.spread(
+                JOB,
+                key,
+                {
+                    "start": first.isoformat(),
+                    "end": last.isoformat(),
+                    "batch_size": config.batch_size,
+                    "concurrency": config.api.concurrency,
+                    "builtin_api": config.api.builtin or None,
+                    "market_api_block": market_api_block,
+                    "database_block": database_block,
+                    "checkpoint_block": checkpoint_block,
+                },
+            ),
         )
         return run.finish()
+
+
+@contextmanager
+def stage_work(stage: str, parameters: Mapping[str, Any]) -> Iterator[StageWork]:
+    """The history stage of a fill-cache run as a shard rebuilds it from its parameters."""
+    if stage != "history":
+        raise ConfigError(f"{JOB} has no stage {stage!r} a shard can work on")
+    first, last = settings.history_range(parameters.get("start"), parameters.get("end"))
+    config = settings.resolve_fill_cache(**{k: parameters.get(k) for k in SHARD_SETTINGS})
+    with config.api.session() as api:
+        yield StageWork(
+            config.data, config.checkpoints, PricesSource(api, first, last), config.batch_size
+        )
 
 
 def resume_command(source: str, tickers: list[str] | None, first: date, last: date) -> str:

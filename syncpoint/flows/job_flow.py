@@ -102,7 +102,9 @@ JOB_NAMES: set[str] = set()
 
 
 def job_flow(
-    name: str, run_name: Callable[[Mapping[str, Any]], str] | None = None
+    name: str,
+    run_name: Callable[[Mapping[str, Any]], str] | None = None,
+    persist_result: bool | None = None,
 ) -> Callable[[Callable[P, R]], Flow[P, R]]:
     """The Prefect flow decorator every syncpoint job uses.
 
@@ -113,7 +115,8 @@ def job_flow(
     SYNCPOINT_FLOW_RETRY_DELAY_SECONDS); a retry resumes from the checkpoint. A
     configuration error or a refused key fails the run without using those retries:
     waiting five minutes changes neither. Read when the flow's module is imported, i.e.
-    in the worker's process.
+    in the worker's process. `persist_result` is Prefect's: a result another flow run
+    reads back must be persisted.
     """
     retries, delay = settings.flow_retries()
     JOB_NAMES.add(name)
@@ -140,6 +143,7 @@ def job_flow(
             retry_delay_seconds=delay,
             log_prints=False,
             validate_parameters=True,
+            persist_result=persist_result,
         )(run)
 
     return decorate

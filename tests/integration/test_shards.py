@@ -1,8 +1,8 @@
 """Several workers on one run (map_shard): leases, fencing and a kill -9, on
 PostgreSQL, each worker its own process over real HTTP to the simulator.
 
-The run and its items are registered here, as the parent flow will; each worker is
-tests/integration/shard_worker.py running map_shard inside a Prefect flow.
+The run and its items are registered here, as the parent flow does; each worker is
+tests/integration/shard_worker.py running the product's shard flow in its own process.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from syncpoint.simulator import MarketSimulator, SimulatorConfig
 from tests.conftest import _fresh_pg_database, cli_env
 
 ROOT = Path(__file__).resolve().parents[2]
-STAGE = "prices"
+STAGE = "history"
 START, END = "2026-09-01", "2026-11-20"
 ITEMS = 240
 BATCH = 10
@@ -45,7 +45,7 @@ def slow_market() -> Iterator[MarketSimulator]:
 
 
 def planned_run(url: str, tickers: list[str]) -> str:
-    """A run with its items registered, as the parent flow leaves it; its id."""
+    """A fill-cache run with its items registered, as the parent flow leaves it; its id."""
     ledger = Ledger(Database.from_url(url).engine())
     owner = new_owner()
     run = ledger.open("fill-cache", "shards", stages=[STAGE], params={}, fresh=False, owner=owner)
@@ -55,7 +55,7 @@ def planned_run(url: str, tickers: list[str]) -> str:
 
 def start_worker(url: str, api: str, run_id: str, prefect_api: str) -> subprocess.Popen[str]:
     args = [sys.executable, "-m", "tests.integration.shard_worker", "--database", url]
-    args += ["--api", api, "--run", run_id, "--stage", STAGE, "--start", START, "--end", END]
+    args += ["--api", api, "--run", run_id, "--start", START, "--end", END]
     args += ["--batch-size", str(BATCH), "--concurrency", str(CONCURRENCY)]
     # Long enough that a loaded machine never lets a live worker's lease run out (that
     # would only cost requests), short enough that the dead worker's come back soon.
