@@ -37,7 +37,7 @@ POLL_SECONDS = 2.0
 # as often while it lasts.
 UNSTARTED_WARNING_SECONDS = 60.0
 # A child that finished the stage's last batch ends within seconds; one still Running
-# this long after the stage settled is not coming back.
+# this long (or a lease's length, if shorter) after the stage settled is not coming back.
 SETTLED_GRACE_SECONDS = 30.0
 # Nothing settled for this many lease lengths while children run: they are presumed dead.
 STALL_LEASES = 3
@@ -246,6 +246,7 @@ def _wait(
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
     from prefect.client.schemas.objects import StateType
 
+    settled_grace = min(SETTLED_GRACE_SECONDS, stall_seconds / STALL_LEASES)
     ids = [child.id for child in children]
     waiting_since = last_warning = last_change = time.monotonic()
     last_settled = -1
@@ -266,7 +267,7 @@ def _wait(
             running = [r for r in runs if r.state is not None and r.state.type is StateType.RUNNING]
             quiet = now - last_change
             if running and (
-                (counts.untouched == 0 and quiet >= SETTLED_GRACE_SECONDS) or quiet >= stall_seconds
+                (counts.untouched == 0 and quiet >= settled_grace) or quiet >= stall_seconds
             ):
                 _crash(client, running, quiet, logger)
                 last_change = now

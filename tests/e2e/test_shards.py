@@ -1,0 +1,299 @@
+"""One run over three workers, on real parts: a Prefect server backed by PostgreSQL, the
+work pool and three `prefect worker start` processes (one flow run each), the data and
+checkpoints in PostgreSQL, the simulator on loopback, and the parent run started by the
+real `syncpoint` command (`--shards 3`, PREFECT_API_URL set) in its own process.
+
+The parent registers the run, starts three children of the shard deployment and waits;
+each child leases batches until none is left. Checked here: the rows equal a run of one
+process row for row; a worker killed with its flow run (SIGKILL, no cleanup) costs at
+most its batches in flight and the run completes; a parent killed and started again
+finds its children instead of starting more.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import sqlalchemy as sa
+
+from syncpoint.engine.batch_map import unmarked_batches_at_most
+from syncpoint.simulator import MarketSimulator, SimulatorConfig
+from tests.conftest import _fresh_pg_database
+from tests.e2e.harness import (
+    POOL,
+    PREFECT,
+    PRICES,
+    ROOT,
+    Proc,
+    Server,
+    api,
+    base_env,
+    poll,
+    prefect_cli,
+    prefect_server,
+)
+
+pytestmark = [pytest.mark.postgres, pytest.mark.slow]
+
+WORKERS = 3
+BATCH = 5
+CONCURRENCY = 2
+LEASE_SECONDS = 10
+START, END = "2026-09-01", "2026-11-20"
+
+
+@dataclass
+class Cluster:
+    server: Server
+    sim: MarketSimulator
+    data_url: str  # every worker's SYNCPOINT_DATABASE_URL (data and checkpoints)
+    results: Path  # the result storage every worker and the parent share
+    workers: list[Proc]
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """What a machine of the cluster has: the server, the database, the API, the
+        shared result storage."""
+        common = {
+            "PREFECT_API_URL": self.server.api_url,
+            "SYNCPOINT_DATABASE_URL": self.data_url,
+            "MARKET_API_URL": self.sim.base_url,
+            "PREFECT_LOCAL_STORAGE_PATH": str(self.results),
+            "SYNCPOINT_LEASE_SECONDS": str(LEASE_SECONDS),
+            "SYNCPOINT_FLOW_RETRIES": "0",
+        }
+        return base_env(**{**common, **extra})
+
+    def logs(self) -> str:
+        return "\n".join(w.tail(40) for w in self.workers) + "\n" + self.server.proc.tail(20)
+
+
+@pytest.fixture(scope="module")
+def cluster(
+    prefect_pg_url: str, pg_root_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Cluster]:
+    workdir = tmp_path_factory.mktemp("shards")
+    url = sa.engine.make_url(prefect_pg_url).set(drivername="postgresql+asyncpg")
+    with (
+        prefect_server("postgres", workdir, url.render_as_string(hide_password=False)) as server,
+        MarketSimulator(SimulatorConfig(latency_ms=150)) as sim,
+    ):
+        env = server.cli_env()
+        pool = prefect_cli(["work-pool", "create", POOL, "--type", "process"], env)
+        assert pool.returncode == 0, pool.stdout + pool.stderr
+        deploy = prefect_cli(["deploy", "--all"], env)
+        assert deploy.returncode == 0, deploy.stdout + deploy.stderr
+        with api(server) as client:
+            client.read_deployment_by_name("syncpoint-shard/shard")
+            for name in ("daily-sync/market-nightly", "document-sync/documents-nightly"):
+                deployment = client.read_deployment_by_name(name)
+                for schedule in deployment.schedules:
+                    client.update_deployment_schedule(deployment.id, schedule.id, active=False)
+        results = workdir / "results"
+        results.mkdir()
+        cluster = Cluster(server, sim, _fresh_pg_database(pg_root_url), results, [])
+        for n in range(WORKERS):
+            home = workdir / f"worker-{n}"
+            home.mkdir()
+            cluster.workers.append(
+                Proc.spawn(
+                    f"prefect worker {n}",
+                    # One flow run at a time: each child lands on a worker of its own.
+                    [PREFECT, "worker", "start", "--pool", POOL, "--limit", "1"],
+                    cluster.env(PREFECT_HOME=str(home), PREFECT_WORKER_QUERY_SECONDS="1"),
+                    workdir / f"worker-{n}.log",
+                )
+            )
+        try:
+
+            def online() -> bool:
+                with api(server) as client:
+                    return len(client.read_workers_for_work_pool(POOL)) >= WORKERS
+
+            poll("three workers on the pool", online, 120, context=cluster.logs)
+            yield cluster
+        finally:
+            for worker in cluster.workers:
+                worker.stop()
+
+
+def fill_cache(cluster: Cluster, tickers: list[str], *extra: str) -> subprocess.Popen[str]:
+    """`syncpoint run fill-cache` for these tickers, as its own process (group)."""
+    args = [sys.executable, "-m", "syncpoint.cli", "run", "fill-cache", "--json"]
+    args += ["--ticker-source", "custom", "--tickers", ",".join(tickers)]
+    args += ["--start", START, "--end", END, "--batch-size", str(BATCH)]
+    args += ["--concurrency", str(CONCURRENCY), *extra]
+    return subprocess.Popen(
+        args,
+        env=cluster.env(PYTHONPATH=str(ROOT)),
+        cwd=cluster.results.parent,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def finished(parent: subprocess.Popen[str], cluster: Cluster) -> dict[str, Any]:
+    out, err = parent.communicate(timeout=300)
+    assert parent.returncode == 0, f"{err[-3000:]}\n{cluster.logs()}"
+    summary: dict[str, Any] = json.loads(out[out.index("{") :])
+    return summary
+
+
+def run_id_of(cluster: Cluster, tickers: list[str]) -> str:
+    from syncpoint.flows.fill_cache import run_key
+    from syncpoint.settings import history_range
+
+    first, last = history_range(START, END)
+    with sa.create_engine(cluster.data_url).connect() as conn:
+        if not sa.inspect(conn).has_table("sync_runs"):
+            return ""  # the parent has not made the schema yet
+        value = conn.execute(
+            sa.text("SELECT run_id FROM sync_runs WHERE job = 'fill-cache' AND run_key = :k"),
+            {"k": run_key("custom", tickers, first, last)},
+        ).scalar()
+    return str(value or "")
+
+
+def children(cluster: Cluster, run_id: str) -> list[Any]:
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+
+    with api(cluster.server) as client:
+        runs = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=["shard"]))
+        )
+    return [r for r in runs if r.parameters.get("run_id") == run_id]
+
+
+def item_attempts(url: str, run_id: str) -> Counter[tuple[str, int]]:
+    with sa.create_engine(url).connect() as conn:
+        rows = conn.execute(
+            sa.text(
+                "SELECT status, attempts FROM sync_items WHERE run_id = :r AND stage = 'history'"
+            ),
+            {"r": run_id},
+        ).all()
+    return Counter((s, a) for s, a in rows)
+
+
+def done(url: str, run_id: str) -> int:
+    return item_attempts(url, run_id)[("done", 1)] if run_id else 0
+
+
+def prices(url: str, tickers: list[str]) -> set[tuple[str, str, float, int]]:
+    with sa.create_engine(url).connect() as conn:
+        rows = conn.execute(
+            sa.text("SELECT ticker, date, close, volume FROM stock_prices WHERE ticker = ANY(:t)"),
+            {"t": tickers},
+        ).all()
+    return {(t, str(d), c, v) for t, d, c, v in rows}
+
+
+def reference(cluster: Cluster, pg_root_url: str, tickers: list[str]) -> set[Any]:
+    """The same tickers synced by one process, into a database of its own."""
+    url = _fresh_pg_database(pg_root_url)
+    args = [sys.executable, "-m", "syncpoint.cli", "run", "fill-cache", "--ticker-source"]
+    args += ["custom", "--tickers", ",".join(tickers), "--start", START, "--end", END]
+    env = cluster.env(SYNCPOINT_DATABASE_URL=url)
+    one = subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    return prices(url, tickers)
+
+
+def worker_running(cluster: Cluster, flow_run_ids: set[str]) -> Proc:
+    """A worker whose flow-run process is one of these runs."""
+
+    def find() -> Proc | None:
+        for worker in cluster.workers:
+            if not worker.alive():
+                continue
+            for child in psutil.Process(worker.popen.pid).children(recursive=True):
+                try:
+                    if child.environ().get("PREFECT__FLOW_RUN_ID") in flow_run_ids:
+                        return worker
+                except psutil.Error:
+                    continue
+        return None
+
+    return poll("a worker running a shard", find, 120, context=cluster.logs)
+
+
+def test_three_workers_sync_what_one_process_syncs_and_survive_a_kill(
+    cluster: Cluster, pg_root_url: str
+) -> None:
+    sim = cluster.sim
+    tickers = sorted(sim.data.symbols[1000:1300])
+    expected = reference(cluster, pg_root_url, tickers)
+    assert len({t for t, *_ in expected}) == len(tickers)
+    sim.reset_stats()
+
+    parent = fill_cache(cluster, tickers, "--shards", str(WORKERS))
+    run_id = poll("the run's checkpoint", lambda: run_id_of(cluster, tickers), 120)
+
+    def all_running() -> bool:
+        if parent.poll() is not None:
+            raise AssertionError(parent.communicate()[1][-3000:])
+        runs = children(cluster, run_id)
+        return len(runs) == WORKERS and all(r.state.is_running() for r in runs)
+
+    poll("three shard runs running", all_running, 180, context=cluster.logs)
+    poll(
+        "40% of the items done",
+        lambda: done(cluster.data_url, run_id) >= 0.4 * len(tickers),
+        240,
+        context=cluster.logs,
+    )
+    victim = worker_running(cluster, {str(r.id) for r in children(cluster, run_id)})
+    os.killpg(victim.popen.pid, signal.SIGKILL)  # the worker and its flow run, no cleanup
+    victim.popen.wait(10)
+
+    summary = finished(parent, cluster)
+    assert summary["status"] == "completed", summary
+    # Every item done exactly once, row for row what one process syncs.
+    assert item_attempts(cluster.data_url, run_id) == {("done", 1): len(tickers)}
+    assert prices(cluster.data_url, tickers) == expected
+    # The dead worker cost at most its batches in flight.
+    requests = sim.stats()["by_endpoint"][PRICES]
+    in_flight = unmarked_batches_at_most(CONCURRENCY, BATCH) * BATCH
+    assert len(tickers) <= requests <= len(tickers) + in_flight
+    # Three children, no more; the dead one marked Crashed by the parent.
+    runs = children(cluster, run_id)
+    assert len(runs) == WORKERS
+    states = sorted(r.state.type.value for r in runs)
+    assert states == ["COMPLETED", "COMPLETED", "CRASHED"], states
+
+
+def test_a_parent_killed_and_started_again_finds_its_children(cluster: Cluster) -> None:
+    sim = cluster.sim
+    tickers = sorted(sim.data.symbols[2000:2240])
+    sim.reset_stats()
+    first = fill_cache(cluster, tickers, "--shards", str(WORKERS))
+    run_id = poll("the run's checkpoint", lambda: run_id_of(cluster, tickers), 120)
+    poll(
+        "the shard runs at work",
+        lambda: len(children(cluster, run_id)) == WORKERS and done(cluster.data_url, run_id) > 0,
+        180,
+        context=cluster.logs,
+    )
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait(10)
+    assert done(cluster.data_url, run_id) < len(tickers)
+
+    again = fill_cache(cluster, tickers, "--shards", str(WORKERS))
+    summary = finished(again, cluster)
+    assert summary["status"] == "completed", summary
+    assert summary["resumed"], summary
+    assert len(children(cluster, run_id)) == WORKERS  # found by their keys, none added
+    assert item_attempts(cluster.data_url, run_id) == {("done", 1): len(tickers)}
+    assert sim.stats()["by_endpoint"][PRICES] == len(tickers)
