@@ -71,6 +71,7 @@ class Cluster:
             "PREFECT_LOCAL_STORAGE_PATH": str(self.results),
             "SYNCPOINT_LEASE_SECONDS": str(LEASE_SECONDS),
             "SYNCPOINT_FLOW_RETRIES": "0",
+            "SYNCPOINT_TICKERS_DIR": str(self.results.parent),
         }
         return base_env(**{**common, **extra})
 
@@ -164,6 +165,26 @@ def run_id_of(cluster: Cluster, tickers: list[str]) -> str:
             {"k": run_key("custom", tickers, first, last)},
         ).scalar()
     return str(value or "")
+
+
+def final_run_id(cluster: Cluster) -> str:
+    """The nightly run's checkpoint id (run key 2026-11-20)."""
+    with sa.create_engine(cluster.data_url).connect() as conn:
+        value = conn.execute(
+            sa.text(
+                "SELECT run_id FROM sync_runs WHERE job = 'daily-sync' AND run_key = '2026-11-20'"
+            )
+        ).scalar()
+    return str(value)
+
+
+def wait_final_run(cluster: Cluster, flow_run_id: Any) -> Any:
+    def final() -> Any:
+        with api(cluster.server) as client:
+            run = client.read_flow_run(flow_run_id)
+        return run if run.state is not None and run.state.is_final() else None
+
+    return poll(f"flow run {flow_run_id} to end", final, 300, context=cluster.logs)
 
 
 def children(cluster: Cluster, run_id: str) -> list[Any]:
@@ -297,3 +318,38 @@ def test_a_parent_killed_and_started_again_finds_its_children(cluster: Cluster) 
     assert len(children(cluster, run_id)) == WORKERS  # found by their keys, none added
     assert item_attempts(cluster.data_url, run_id) == {("done", 1): len(tickers)}
     assert sim.stats()["by_endpoint"][PRICES] == len(tickers)
+    # What the children did, read back from the shared result storage.
+    assert summary["requests"] == len(tickers), summary
+
+
+def test_a_deployment_run_with_shards_spreads_both_stages(cluster: Cluster) -> None:
+    """The nightly deployment with shards 3, as the UI's Custom run starts it: the parent
+    takes one worker, its children the others (and the first one freed)."""
+    sim = cluster.sim
+    tickers = sorted(sim.data.sp500_symbols[:60])
+    path = cluster.results.parent / "nightly-tickers.txt"
+    path.write_text("\n".join(tickers) + "\n")
+    sim.reset_stats()
+    with api(cluster.server) as client:
+        deployment = client.read_deployment_by_name("daily-sync/market-nightly")
+        parent = client.create_flow_run_from_deployment(
+            deployment.id,
+            parameters={
+                "run_date": "2026-11-20",
+                "tickers_file": str(path),
+                "batch_size": BATCH,
+                "shards": WORKERS,
+            },
+        )
+    final = wait_final_run(cluster, parent.id)
+    assert final.state.is_completed(), f"{final.state.message}\n{cluster.logs()}"
+    by_stage = Counter(r.parameters["stage"] for r in children(cluster, final_run_id(cluster)))
+    assert by_stage == {"prices": WORKERS, "valuations": WORKERS}
+    stats = sim.stats()["by_endpoint"]
+    assert stats[PRICES] == stats["discounted-cash-flow"] == len(tickers)
+    with sa.create_engine(cluster.data_url).connect() as conn:
+        stored = conn.execute(
+            sa.text("SELECT count(DISTINCT ticker) FROM dcf_valuations WHERE ticker = ANY(:t)"),
+            {"t": tickers},
+        ).scalar()
+    assert stored == len(tickers)
