@@ -306,6 +306,8 @@ class Sample:
     tail: float  # last request -> process exit
     responses: dict[str, int]
     stalls: list[float]  # gaps of >= STALL_SECONDS without a request, first -> last
+    # Requests in each second from the first on (an API in its own process only).
+    per_second: list[int] = field(default_factory=list)
 
     @property
     def stalled(self) -> float:
@@ -336,10 +338,12 @@ def watched(
             seen = sim.stop_watch()
         count, first_seen, last_seen = seen["count"], seen["first"], seen["last"]
         stalls = list(seen["stalls"])
+        per_second = list(seen.get("per_second") or [])
     else:
         with RequestWatch(sim) as watch:
             timed = run_timed(args, env=env, cwd=cwd, timeout=timeout)
         count, first_seen, last_seen, stalls = watch.count, watch.first, watch.last, watch.stalls
+        per_second = []
     require(timed, what, codes)
     first = first_seen if first_seen is not None else timed.ended
     last = last_seen if last_seen is not None else timed.ended
@@ -351,6 +355,7 @@ def watched(
         tail=timed.ended - last,
         responses=dict(sim.stats()["responses"]),
         stalls=stalls,
+        per_second=per_second,
     )
 
 
@@ -467,6 +472,32 @@ def sqlite_scalar(db: Path, sql: str) -> int:
 
 
 # --- the Prefect server ---------------------------------------------------------------
+
+
+def ensure_global_limit(api_url: str, name: str, *, slots: int, per_minute: float) -> None:
+    """A Prefect global limit of `slots` decaying at `per_minute` / 60 a second on the server
+    at `api_url`: created, or reset if it is there from an earlier invocation."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import (
+        GlobalConcurrencyLimitCreate,
+        GlobalConcurrencyLimitUpdate,
+    )
+    from prefect.exceptions import ObjectAlreadyExists
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    decay = per_minute / 60
+    with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+        try:
+            client.create_global_concurrency_limit(
+                GlobalConcurrencyLimitCreate(name=name, limit=slots, slot_decay_per_second=decay)
+            )
+        except ObjectAlreadyExists:
+            client.update_global_concurrency_limit(
+                name,
+                GlobalConcurrencyLimitUpdate(
+                    limit=slots, slot_decay_per_second=decay, active_slots=0
+                ),
+            )
 
 
 def free_port() -> int:

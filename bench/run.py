@@ -36,6 +36,7 @@ from bench.cases import (
     noop_rerun,
     rate_limited,
     scale,
+    scale_out,
     throughput,
 )
 from bench.harness import (
@@ -60,10 +61,11 @@ CASES: dict[int, tuple[str, Case]] = {
     7: ("First full sync at scale (DIP)", full_sync.run),
     8: ("Backfill at the default batch of five", fill_cache.run),
     9: ("Half a million items", scale.run),
+    10: ("Scale-out over N workers", scale_out.run),
 }
 # Case 5 needs no Prefect: run between the Prefect-heavy case 3 and the rest, which gives
 # the server time to digest case 3's thousands of task-run events.
-ORDER = (1, 8, 2, 3, 5, 4, 6, 9, 7)
+ORDER = (1, 8, 2, 3, 5, 4, 6, 9, 7, 10)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -9,7 +9,8 @@ bench starts `python -m bench.sim_process`, which runs the same MarketSimulator 
     GET  /stats         the simulator's counters (as /_sim/stats)
     POST /reset         reset the counters
     POST /watch/start   start timing requests (a thread samples the counter every 5 ms)
-    POST /watch/stop    stop; answers {count, first, last, stalls}
+    POST /watch/stop    stop; answers {count, first, last, stalls, per_second}
+                        (per_second: requests in each second from the first one on)
 
 Times are time.monotonic() of this process: CLOCK_MONOTONIC is one clock for every process
 on the machine, so the bench compares them with its own process start and exit times.
@@ -47,12 +48,14 @@ class Watch:
         self.first: float | None = None
         self.last: float | None = None
         self.stalls: list[float] = []
+        self.per_second: list[int] = []
 
     def start(self) -> None:
         self.stop()
         self._stop.clear()
         self.base = int(self.sim.stats()["requests"])
         self.count, self.first, self.last, self.stalls = 0, None, None, []
+        self.per_second = []
         self._thread = threading.Thread(target=self._poll, name="sim-watch", daemon=True)
         self._thread.start()
 
@@ -62,7 +65,13 @@ class Watch:
             self._thread.join()
             self._thread = None
             self._sample()
-        return {"count": self.count, "first": self.first, "last": self.last, "stalls": self.stalls}
+        return {
+            "count": self.count,
+            "first": self.first,
+            "last": self.last,
+            "stalls": self.stalls,
+            "per_second": self.per_second,
+        }
 
     def _sample(self) -> None:
         seen = int(self.sim.stats()["requests"]) - self.base
@@ -73,6 +82,9 @@ class Watch:
             elif self.last is not None and now - self.last >= STALL_SECONDS:
                 self.stalls.append(now - self.last)
             self.last = now
+            second = int(now - self.first)
+            self.per_second.extend([0] * (second + 1 - len(self.per_second)))
+            self.per_second[second] += seen - self.count
             self.count = seen
 
     def _poll(self) -> None:

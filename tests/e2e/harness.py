@@ -298,7 +298,7 @@ def trigger(
             parameters={"run_date": run_date, "tickers_file": str(path), "batch_size": batch_size},
             job_variables={"env": env} if env else None,
         )
-    return flow_run.id  # type: ignore[no-any-return]
+    return flow_run.id
 
 
 def flow_run(stack: Stack, flow_run_id: UUID) -> Any:
