@@ -167,7 +167,11 @@ def run_shards(
             elif fresh:
                 result = result.merged(outcome)
         left = _counts(ledger, run_id, stage).untouched
-        if fresh and left and left >= untouched:
+        # Children that died (Crashed: their worker or the parent said so) say nothing
+        # about the next ones; children that ended by themselves having settled nothing
+        # would fail the same way again.
+        died = any(child.state.is_crashed() for child in ended)
+        if fresh and left and left >= untouched and not died:
             raise SyncError(
                 f"{stage}: the shard runs settled none of the {left} untouched items: "
                 + ("; ".join(troubles) or "they ended without taking any")

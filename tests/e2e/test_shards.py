@@ -353,3 +353,26 @@ def test_a_deployment_run_with_shards_spreads_both_stages(cluster: Cluster) -> N
             {"t": tickers},
         ).scalar()
     assert stored == len(tickers)
+
+
+def test_workers_on_another_database_fail_the_stage_with_their_reason(
+    cluster: Cluster, pg_root_url: str
+) -> None:
+    """The parent's database is not the workers': each child says so, and the parent
+    fails the stage with what they said instead of waiting or starting more."""
+    tickers = sorted(cluster.sim.data.symbols[2500:2510])
+    elsewhere = _fresh_pg_database(pg_root_url)
+    args = [sys.executable, "-m", "syncpoint.cli", "run", "fill-cache", "--ticker-source"]
+    args += ["custom", "--tickers", ",".join(tickers), "--start", START, "--end", END]
+    args += ["--shards", str(WORKERS)]
+    env = cluster.env(SYNCPOINT_DATABASE_URL=elsewhere)
+    run = subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1, run.stdout + run.stderr
+    said = run.stdout + run.stderr
+    assert "the shard runs settled none of the 10 untouched items" in said, said
+    assert "is not in this worker's checkpoint database" in said, said
+    assert "Traceback" not in said
+    run_id = run_id_of(
+        Cluster(cluster.server, cluster.sim, elsewhere, cluster.results, []), tickers
+    )
+    assert len(children(cluster, run_id)) == WORKERS  # one round: no more were started
