@@ -26,6 +26,7 @@ from typing import Any
 import psutil
 import pytest
 import sqlalchemy as sa
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 
 from syncpoint.engine.batch_map import unmarked_batches_at_most
 from syncpoint.simulator import MarketSimulator, SimulatorConfig
@@ -51,6 +52,12 @@ BATCH = 5
 CONCURRENCY = 2
 LEASE_SECONDS = 10
 START, END = "2026-09-01", "2026-11-20"
+# One API budget for every process of the cluster: the simulator enforces it (token
+# bucket of one second's worth, 429 beyond it) and the workers draw it from one Prefect
+# global limit of the same rate. The other tests stay below it (3 workers x 2 requests
+# in flight at 150 ms: 40 a second); the budget test binds it.
+BUDGET_PER_MINUTE = 3000
+BUDGET = "market-api"
 
 
 @dataclass
@@ -72,6 +79,7 @@ class Cluster:
             "SYNCPOINT_LEASE_SECONDS": str(LEASE_SECONDS),
             "SYNCPOINT_FLOW_RETRIES": "0",
             "SYNCPOINT_TICKERS_DIR": str(self.results.parent),
+            "MARKET_API_GLOBAL_RATE_LIMIT": BUDGET,
         }
         return base_env(**{**common, **extra})
 
@@ -87,7 +95,9 @@ def cluster(
     url = sa.engine.make_url(prefect_pg_url).set(drivername="postgresql+asyncpg")
     with (
         prefect_server("postgres", workdir, url.render_as_string(hide_password=False)) as server,
-        MarketSimulator(SimulatorConfig(latency_ms=150)) as sim,
+        MarketSimulator(
+            SimulatorConfig(latency_ms=150, rate_limit_per_minute=BUDGET_PER_MINUTE)
+        ) as sim,
     ):
         env = server.cli_env()
         pool = prefect_cli(["work-pool", "create", POOL, "--type", "process"], env)
@@ -95,6 +105,13 @@ def cluster(
         deploy = prefect_cli(["deploy", "--all"], env)
         assert deploy.returncode == 0, deploy.stdout + deploy.stderr
         with api(server) as client:
+            client.create_global_concurrency_limit(
+                GlobalConcurrencyLimitCreate(
+                    name=BUDGET,
+                    limit=BUDGET_PER_MINUTE // 60,
+                    slot_decay_per_second=BUDGET_PER_MINUTE / 60,
+                )
+            )
             client.read_deployment_by_name("syncpoint-shard/shard")
             for name in ("daily-sync/market-nightly", "document-sync/documents-nightly"):
                 deployment = client.read_deployment_by_name(name)
@@ -376,3 +393,21 @@ def test_workers_on_another_database_fail_the_stage_with_their_reason(
         Cluster(cluster.server, cluster.sim, elsewhere, cluster.results, []), tickers
     )
     assert len(children(cluster, run_id)) == WORKERS  # one round: no more were started
+
+
+def test_three_workers_share_one_api_budget_without_a_429(cluster: Cluster) -> None:
+    """Three workers that could send 160 requests a second share a budget of 50: the API,
+    which enforces it, never has to refuse one (each 429 would be a request beyond the
+    budget and its one-second burst, in some window)."""
+    sim = cluster.sim
+    tickers = sorted(sim.data.symbols[3000:3600])
+    sim.reset_stats()
+    parent = fill_cache(cluster, tickers, "--shards", str(WORKERS), "--concurrency", "8")
+    summary = finished(parent, cluster)
+    assert summary["status"] == "completed", summary
+    stats = sim.stats()
+    assert stats["responses"].get("429", 0) == 0, stats["responses"]
+    assert stats["by_endpoint"][PRICES] == len(tickers)
+    run_id = run_id_of(cluster, tickers)
+    assert item_attempts(cluster.data_url, run_id) == {("done", 1): len(tickers)}
+    assert {r.state.type.value for r in children(cluster, run_id)} == {"COMPLETED"}
