@@ -6,14 +6,14 @@ items are pending (universe - done - permanently failed), and the cached fetch t
 storing it.
 
 Pipelining: enough batches fetch at once to fill the request slots (see
-fetches_in_flight: two for batches as large as the concurrency, more for small ones) and
-the batch before them is stored beside them. The fetches draw on one stage-wide
-RequestSlots, first come first served, so a later batch only takes the slots the earlier
-ones free: `concurrency` stays exact and no slot idles at a boundary (a run keeps its
-pace, under a rate limit too). Batch size is the checkpoint's grain, not a cap on
-requests in flight. A crash finds at most unmarked_batches_at_most() batches
-fetched-but-unmarked; the persisted fetch cache gives back every one whose fetch had
-finished, so a rerun refetches far less.
+fetches_in_flight: two for batches as large as the concurrency, more for small ones), and
+this thread stores each batch as it arrives while the next ones go on fetching. The
+fetches draw on one stage-wide RequestSlots, first come first served, so a later batch
+only takes the slots the earlier ones free: `concurrency` stays exact and no slot idles
+at a boundary (a run keeps its pace, under a rate limit too). Batch size is the
+checkpoint's grain, not a cap on requests in flight. A crash finds at most
+unmarked_batches_at_most() batches fetched-but-unmarked; the persisted fetch cache gives
+back every one whose fetch had finished, so a rerun refetches far less.
 
 One client (pools, connections, SSL context) serves the whole stage from its own event
 loop (syncpoint.core.http.ClientThread): a batch boundary opens nothing.
@@ -26,10 +26,10 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from typing import cast
 
+from prefect import get_run_logger
+from prefect.exceptions import MissingContextError
 from prefect.futures import PrefectFuture
-from prefect.utilities.annotations import quote
 
 from syncpoint.core.db import Database
 from syncpoint.core.gc_pace import fewer_collections
@@ -68,10 +68,10 @@ def fetches_in_flight(concurrency: int, batch_size: int) -> int:
 
 
 def unmarked_batches_at_most(concurrency: int, batch_size: int) -> int:
-    """What a crash can leave fetched-but-unmarked: the fetches in flight, the batch just
-    fetched and the one before it, still being stored (the next fetch is submitted before
-    the stage waits on that store, so a slow store never idles the request slots)."""
-    return fetches_in_flight(concurrency, batch_size) + 2
+    """What a crash can leave fetched-but-unmarked: the fetches in flight and the batch
+    being stored (the next fetch is submitted before that store starts, so a slow store
+    never idles the request slots)."""
+    return fetches_in_flight(concurrency, batch_size) + 1
 
 
 @dataclass
@@ -330,8 +330,8 @@ def map_batches(
     depth = fetches_in_flight(source.concurrency, batch_size)
     # Opened once for the stage, closed when it ends (after every fetch has finished).
     clients = ClientThread(source.client())
+    logger = _run_logger()
     fetching: deque[tuple[Batch, PrefectFuture[BatchOutcome]]] = deque()
-    storing: tuple[BatchOutcome, PrefectFuture[int]] | None = None
 
     def fetch_next() -> None:
         if stop.requested or result.fatal:
@@ -351,9 +351,9 @@ def map_batches(
         # lease of the attempt that fetched it (another worker's, after a takeover).
         return replace(outcome, batch=batch)
 
-    def settle(outcome: BatchOutcome, future: PrefectFuture[int]) -> None:
+    def settle(outcome: BatchOutcome) -> None:
         try:
-            written = future.result()
+            written = store_batch(data, checkpoints, source.table, outcome, logger)
         except LeaseLost:
             # Nothing written; the items are another worker's now. Whatever of the lease
             # is still this worker's is given up, so that no item waits on it.
@@ -395,38 +395,21 @@ def map_batches(
         while fetching:
             outcome = count(*fetching.popleft())
             result.fatal = result.fatal or outcome.fatal
-            # The next fetch first, before waiting on a store: the slots this batch's
-            # tail freed must find items queued, whatever the store step costs.
+            # The next fetch first, before the store: the slots this batch's tail freed
+            # must find items queued, whatever the store step costs. The fetches in
+            # flight go on (on their task threads and the client's loop) while this
+            # thread stores.
             fetch_next()
-            if storing is not None:
-                previous, storing = storing, None
-                settle(*previous)
-            # quote(): Prefect would otherwise walk every row of the batch looking for
-            # futures to wait on, which costs more than storing them.
-            storing = (
-                outcome,
-                store_batch.submit(
-                    data,
-                    checkpoints,
-                    source.table,
-                    cast(BatchOutcome, quote(outcome)),  # Prefect unwraps it for the task
-                ),
-            )
+            settle(outcome)
     finally:
         # Leaving early (a store failed, the flow is being torn down): let the fetches in
         # flight finish, so their results reach the fetch cache for the rerun and no
         # thread goes on sending after the stage has ended.
-        try:
-            for batch, future in fetching:
-                future.wait()
-                if future.state.is_completed():
-                    count(batch, future)  # not stored now, but its requests went out
-            clients.__exit__(None, None, None)
-        finally:
-            # A batch that was fetched is always stored before the stage ends, whatever
-            # ended it.
-            if storing is not None:
-                settle(*storing)
+        for batch, future in fetching:
+            future.wait()
+            if future.state.is_completed():
+                count(batch, future)  # not stored now, but its requests went out
+        clients.__exit__(None, None, None)
     return result
 
 
@@ -485,6 +468,15 @@ def map_shard(
                 time.sleep(min(0.2, wait))
     finally:
         keeper.close()
+
+
+def _run_logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
+    """The flow run's logger (the store's warnings belong on the run's page), else this
+    module's."""
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger(__name__)
 
 
 def _from_cache(future: PrefectFuture[BatchOutcome]) -> bool:

@@ -1,4 +1,5 @@
-"""The batch tasks: fetch a batch's items from a source, store its rows and marks.
+"""The batch steps: fetch a batch's items from a source (a Prefect task), store its rows
+and marks.
 
 The fetch task is cached on (source, run, stage, items with their attempt counts), so a
 retry after a failed store step reuses the fetched batch instead of spending quota on it
@@ -15,13 +16,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from collections.abc import Callable
+import logging
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 from prefect import get_run_logger, task
-from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 from prefect.serializers import PickleSerializer
 
@@ -35,6 +37,8 @@ from syncpoint.core.store import ItemRows, write_items_then_checkpoint
 from syncpoint.sources.source import Source
 
 FETCH_CACHE_TTL = timedelta(days=3)
+
+Logger = logging.Logger | logging.LoggerAdapter[logging.Logger]
 
 
 @dataclass(frozen=True)
@@ -183,32 +187,57 @@ def unexpected(exc: BaseException) -> str:
     return redact(f"unexpected error: {type(exc).__name__}: {lines[0] if lines else ''}")[:300]
 
 
-@task(
-    name="store-batch",
-    task_run_name="store {outcome.batch.stage} #{outcome.batch.number}",
-    cache_policy=NO_CACHE,
-    retries=2,
-    retry_delay_seconds=[1, 5],
-    retry_condition_fn=lambda _task, _run, state: not isinstance(state.data, LeaseLost),
-)
-def store_batch(data: Database, checkpoints: Database, table: str, outcome: BatchOutcome) -> int:
+# A store that failed (a dropped connection, a lock that timed out) is tried again after
+# these pauses; then the stage fails, and the rerun stores the batch from the fetch cache.
+STORE_RETRY_DELAYS = (1.0, 5.0)
+
+
+def store_batch(
+    data: Database,
+    checkpoints: Database,
+    table: str,
+    outcome: BatchOutcome,
+    logger: Logger,
+    *,
+    delays: Sequence[float] = STORE_RETRY_DELAYS,
+) -> int:
     """Upsert the batch's rows, then mark its items: data first, marks after. Items
     whose rows the database refuses are marked failed with its reason instead.
+
+    Not a Prefect task: a task run costs a few milliseconds of CPU and API events, paid
+    per batch, and a store has nothing to cache; the fetch task before it is the one whose
+    result a retry reuses.
 
     A leased batch whose lease ran out raises LeaseLost, writes nothing and is not
     retried: another worker has its items now (a retry would be refused the same way)."""
     ledger = Ledger(checkpoints.engine())
     batch = outcome.batch
-    written, marked = write_items_then_checkpoint(
-        data,
-        checkpoints,
-        table,
-        outcome.units(),
-        lambda conn, outcomes: ledger.mark(
-            conn, batch.run_id, batch.stage, outcomes, batch.number, lease=batch.lease
-        ),
-    )
+    for delay in (*delays, None):
+        try:
+            written, marked = write_items_then_checkpoint(
+                data,
+                checkpoints,
+                table,
+                outcome.units(),
+                lambda conn, outcomes: ledger.mark(
+                    conn, batch.run_id, batch.stage, outcomes, batch.number, lease=batch.lease
+                ),
+            )
+            break
+        except LeaseLost:
+            raise
+        except Exception as exc:
+            if delay is None:
+                raise
+            logger.warning(
+                "storing %s #%d failed (%s); trying again in %.0f s",
+                batch.stage,
+                batch.number,
+                unexpected(exc).removeprefix("unexpected error: "),
+                delay,
+            )
+            time.sleep(delay)
     for before, after in zip(outcome.outcomes, marked, strict=True):
         if after != before:
-            get_run_logger().warning("%s: %s", after.item, after.error)
+            logger.warning("%s: %s", after.item, after.error)
     return written
