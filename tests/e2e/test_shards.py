@@ -17,6 +17,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -43,6 +44,8 @@ from tests.e2e.harness import (
     poll,
     prefect_cli,
     prefect_server,
+    retry_from_cli,
+    wait_worker_done,
 )
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
@@ -86,6 +89,23 @@ class Cluster:
     def logs(self) -> str:
         return "\n".join(w.tail(40) for w in self.workers) + "\n" + self.server.proc.tail(20)
 
+    def start_worker(self, n: int) -> Proc:
+        """Worker `n` (again, after a kill): one flow run at a time, so each child lands on
+        a worker of its own."""
+        home = self.results.parent / f"worker-{n}"
+        home.mkdir(exist_ok=True)
+        worker = Proc.spawn(
+            f"prefect worker {n}",
+            [PREFECT, "worker", "start", "--pool", POOL, "--limit", "1"],
+            self.env(PREFECT_HOME=str(home), PREFECT_WORKER_QUERY_SECONDS="1"),
+            self.results.parent / f"worker-{n}-{time.monotonic_ns()}.log",
+        )
+        if n < len(self.workers):
+            self.workers[n] = worker
+        else:
+            self.workers.append(worker)
+        return worker
+
 
 @pytest.fixture(scope="module")
 def cluster(
@@ -121,17 +141,7 @@ def cluster(
         results.mkdir()
         cluster = Cluster(server, sim, _fresh_pg_database(pg_root_url), results, [])
         for n in range(WORKERS):
-            home = workdir / f"worker-{n}"
-            home.mkdir()
-            cluster.workers.append(
-                Proc.spawn(
-                    f"prefect worker {n}",
-                    # One flow run at a time: each child lands on a worker of its own.
-                    [PREFECT, "worker", "start", "--pool", POOL, "--limit", "1"],
-                    cluster.env(PREFECT_HOME=str(home), PREFECT_WORKER_QUERY_SECONDS="1"),
-                    workdir / f"worker-{n}.log",
-                )
-            )
+            cluster.start_worker(n)
         try:
 
             def online() -> bool:
@@ -310,6 +320,8 @@ def test_three_workers_sync_what_one_process_syncs_and_survive_a_kill(
     assert len(runs) == WORKERS
     states = sorted(r.state.type.value for r in runs)
     assert states == ["COMPLETED", "COMPLETED", "CRASHED"], states
+    # The machine comes back: the next tests have three workers again.
+    cluster.start_worker(cluster.workers.index(victim))
 
 
 def test_a_parent_killed_and_started_again_finds_its_children(cluster: Cluster) -> None:
@@ -411,3 +423,63 @@ def test_three_workers_share_one_api_budget_without_a_429(cluster: Cluster) -> N
     run_id = run_id_of(cluster, tickers)
     assert item_attempts(cluster.data_url, run_id) == {("done", 1): len(tickers)}
     assert {r.state.type.value for r in children(cluster, run_id)} == {"COMPLETED"}
+
+
+def test_a_crashed_parent_retried_from_prefect_reuses_its_children(cluster: Cluster) -> None:
+    """The backfill deployment with shards 2 (the parent and its two children fill the
+    three workers). The parent's process is killed (SIGKILL) while its children work;
+    Prefect marks it Crashed; `prefect flow-run retry` resumes it, and the retry finds
+    the two children by their keys instead of starting two more."""
+    sim = cluster.sim
+    tickers = sorted(sim.data.symbols[4000:4240])
+    sim.reset_stats()
+    with api(cluster.server) as client:
+        deployment = client.read_deployment_by_name("fill-cache/prices-backfill")
+        parent = client.create_flow_run_from_deployment(
+            deployment.id,
+            parameters={
+                "ticker_source": "custom",
+                "tickers": tickers,
+                "start": START,
+                "end": END,
+                "batch_size": BATCH,
+                "concurrency": CONCURRENCY,
+                "shards": 2,
+            },
+        )
+    run_id = poll("the run's checkpoint", lambda: run_id_of(cluster, tickers), 120)
+    poll(
+        "both shard runs at work",
+        lambda: len(children(cluster, run_id)) == 2 and done(cluster.data_url, run_id) > 0,
+        180,
+        context=cluster.logs,
+    )
+    flow_run_process(cluster, str(parent.id)).kill()
+    crashed = wait_final_run(cluster, parent.id)
+    assert crashed.state.is_crashed(), crashed.state
+    wait_worker_done(cluster, parent.id, attempts=1)  # type: ignore[arg-type]
+    retry_from_cli(cluster, parent.id)  # type: ignore[arg-type]
+
+    final = wait_final_run(cluster, parent.id)
+    assert final.state.is_completed(), f"{final.state.message}\n{cluster.logs()}"
+    assert len(children(cluster, run_id)) == 2  # found again, none added
+    assert item_attempts(cluster.data_url, run_id) == {("done", 1): len(tickers)}
+    assert sim.stats()["by_endpoint"][PRICES] == len(tickers)
+
+
+def flow_run_process(cluster: Cluster, flow_run_id: str) -> psutil.Process:
+    """The worker's child process that executes this flow run."""
+
+    def find() -> psutil.Process | None:
+        for worker in cluster.workers:
+            if not worker.alive():
+                continue
+            for child in psutil.Process(worker.popen.pid).children(recursive=True):
+                try:
+                    if child.environ().get("PREFECT__FLOW_RUN_ID") == flow_run_id:
+                        return child
+                except psutil.Error:
+                    continue
+        return None
+
+    return poll(f"the process of flow run {flow_run_id}", find, 120, context=cluster.logs)
