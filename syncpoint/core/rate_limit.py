@@ -368,7 +368,13 @@ class GlobalBudget:
                 self._cover = Cover(decay)
         wait = draw_wait(limit.limit, limit.active_slots, chunk, decay)
         if wait > 0:
+            # Then read again rather than increment blind: another worker may have taken
+            # the room meanwhile, and a denied increment costs more than a read. The
+            # server stamps a denied limit as updated without decaying its slots, so a
+            # denial throws away the decay since the last write (up to half a chunk's
+            # worth at this pace).
             await asyncio.sleep(wait + random.uniform(0, DRAW_JITTER * chunk / decay))
+            return
         drawn_at = time.monotonic()
         try:
             response = await self._call(
