@@ -221,10 +221,12 @@ class GlobalBudget:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
-        # What the drawer did: chunks taken, denials, calls given up on; for benchmarks.
+        # What the drawer did: chunks taken, denials, calls given up on, unspent slots
+        # dropped because the limit no longer counted them; for benchmarks.
         self.draws = 0
         self.denied = 0
         self.timeouts = 0
+        self.dropped = 0
 
     async def take(self, max_wait: float) -> None:
         """One slot, from the bank or from the next draw (at most `max_wait` seconds)."""
@@ -263,7 +265,10 @@ class GlobalBudget:
     def _spendable(self, now: float) -> int:
         """The bank, after dropping what the limit no longer counts (see Cover)."""
         if self._cover is not None:
-            self._bank = min(self._bank, math.floor(self._cover.level(now)))
+            covered = math.floor(self._cover.level(now))
+            if self._bank > covered:
+                self.dropped += self._bank - covered
+                self._bank = covered
         return self._bank
 
     def _nudge(self) -> None:
@@ -285,8 +290,11 @@ class GlobalBudget:
     def _wanted(self) -> bool:
         return bool(self._waiters) or (self._spent_since_draw and self._bank < self._chunk)
 
-    def _fail(self, failure: BaseException) -> None:
-        self._failure = failure
+    def _fail(self, failure: BaseException, *, lasting: bool = True) -> None:
+        """Fail the waiters; a lasting failure (the limit is unusable) fails every later
+        request too, without asking the Prefect API again."""
+        if lasting:
+            self._failure = failure
         while self._waiters:
             _hand(self._waiters.popleft(), failure)
 
@@ -306,10 +314,18 @@ class GlobalBudget:
     def _run(self) -> None:
         try:
             asyncio.run(self._drawer())
-        except BaseException as exc:  # a bug: fail the waiters rather than strand them
+        except Exception as exc:  # e.g. no Prefect API to open a client to
+            # The waiters' requests fail as transient (retried, or the item left for a
+            # later run) rather than wait out their cap; the next request starts a new
+            # drawer.
             with self._lock:
-                self._fail(exc)
-            raise
+                self._fail(
+                    RetriableApiError(
+                        f"no slot from Prefect global concurrency limit {self.name!r}: "
+                        f"{type(exc).__name__}: {exc}"
+                    ),
+                    lasting=False,
+                )
         finally:
             with self._lock:
                 self._thread = None

@@ -13,7 +13,7 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 
-from syncpoint.core.errors import ConfigError
+from syncpoint.core.errors import ConfigError, RetriableApiError
 from syncpoint.core.rate_limit import RateLimiter
 from syncpoint.simulator import MarketSimulator, SimulatorConfig
 from tests.conftest import cli_env, run_cli, tickers_file
@@ -130,6 +130,7 @@ def test_workers_sharing_a_limit_never_exceed_it_in_any_window(prefect_api: str)
             GlobalConcurrencyLimitCreate(name=name, limit=limit, slot_decay_per_second=decay)
         )
     taken: list[float] = []
+    dropped: list[int] = []
     lock = threading.Lock()
 
     def worker(requests: int, pause_after: int | None) -> None:
@@ -147,6 +148,9 @@ def test_workers_sharing_a_limit_never_exceed_it_in_any_window(prefect_api: str)
             asyncio.run(run())
         finally:
             limiter.close()
+        if pause_after is not None:
+            assert limiter.budget is not None
+            dropped.append(limiter.budget.dropped)
 
     threads = [
         threading.Thread(target=worker, args=(40, None)),
@@ -165,6 +169,7 @@ def test_workers_sharing_a_limit_never_exceed_it_in_any_window(prefect_api: str)
         for j in range(i, len(taken))
     )
     assert worst <= 0
+    assert dropped[0] > 0  # the pausing worker's slots in hand were dropped, not sent
 
 
 def test_a_limit_without_slot_decay_is_a_configuration_error(prefect_api: str) -> None:
@@ -176,6 +181,22 @@ def test_a_limit_without_slot_decay_is_a_configuration_error(prefect_api: str) -
     limiter = RateLimiter(None, global_limit=name, max_wait=30)
     try:
         with pytest.raises(ConfigError, match="no-decay-budget"):
+            asyncio.run(limiter.acquire())
+    finally:
+        limiter.close()
+
+
+def test_an_unreachable_prefect_api_makes_requests_transient_not_stuck() -> None:
+    """No Prefect API to draw from: each request fails as retriable once its wait cap is
+    spent (here one second), rather than hanging the run or failing its items for good."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    limiter = RateLimiter(None, global_limit="any-budget", max_wait=1.0)
+    try:
+        with (
+            temporary_settings({PREFECT_API_URL: "http://127.0.0.1:9/api"}),
+            pytest.raises(RetriableApiError, match="any-budget"),
+        ):
             asyncio.run(limiter.acquire())
     finally:
         limiter.close()
