@@ -228,7 +228,7 @@ def run(bench: Bench) -> CaseResult:
         "seconds, once up to SQLite's 60 s busy timeout; the process's other acquisitions "
         "queue behind it, and the limit holds only one second of budget, so each stall "
         "lost about a second of it. On a PostgreSQL-backed server the old way reached "
-        "98-100%. The drawer gives up on any call after 0.25 s and reads again. With "
+        "98-100%. The drawer has a 503 raised to it at once and reads again shortly. With "
         f"{SHARING} processes, the slots each still holds when it finishes (up to two "
         "chunks) decay unused: in a run this short that is most of what is missing."
     )

@@ -53,12 +53,16 @@ DEFAULT_MAX_WAIT = 120.0
 # nothing.
 CHUNK_SECONDS = 0.5
 # The longest one call to the Prefect API may take before the drawer gives up on it and
-# asks again (a healthy one takes 10-40 ms here). A 503 ("database is locked") makes
-# Prefect's client sleep about two seconds before it even reports the failure; waiting
-# that out would lose the budget of that stall. An increment given up on may still have
+# asks again (a healthy one takes 10-40 ms here): a bound for a stuck connection, not a
+# latency target. A short one did harm: on a SQLite-backed server an increment waiting for
+# the write lock keeps waiting after its client has gone, so every call given up on left
+# one more writer queued for the lock, the run's own task-run writes starved behind them
+# (a three-process run stalled for a minute). An increment given up on may still have
 # taken its slots: they are lost to this process, never spent twice.
-DRAW_CALL_TIMEOUT = 0.25
-# Pause after a failed call (a timeout, a transport error) before the drawer reads again.
+DRAW_CALL_TIMEOUT = 10.0
+# Pause after a failed call (a 503, a timeout, a transport error) before the drawer reads
+# again; jittered up to twice as long, so that workers refused together do not retry
+# together.
 DRAW_RETRY_SECONDS = 0.05
 # Workers waiting for the same room in the limit spread their draws over this share of a
 # chunk's time, so that one of them gets it and the others read again, rather than all
@@ -203,9 +207,9 @@ class GlobalBudget:
     the limit has room for a chunk, and takes it then, so the next chunk is in hand before
     the last one runs out and a draw is rarely denied. It calls the Prefect API itself
     rather than through `rate_limit()`, whose acquisitions queue one behind another per
-    process and whose client sleeps out Retry-After and 503 answers itself; every call is
-    cut short after DRAW_CALL_TIMEOUT. Requests on any event loop take slots from the
-    bank, or wait for the drawer to hand them one.
+    process and whose client sleeps out Retry-After and 503 answers itself; here a 503
+    comes back at once and the drawer reads again shortly. Requests on any event loop
+    take slots from the bank, or wait for the drawer to hand them one.
     """
 
     def __init__(self, name: str) -> None:
@@ -340,7 +344,9 @@ class GlobalBudget:
         wake = asyncio.Event()
         with self._lock:
             self._loop, self._wake = asyncio.get_running_loop(), wake
-        async with get_client() as client:
+        # A 503 ("database is locked" on a SQLite-backed server) is raised at once instead
+        # of being slept out by Prefect's client for about two seconds.
+        async with get_client(httpx_settings={"event_hooks": {"response": [_busy]}}) as client:
             while True:
                 with self._lock:
                     if self._closed:
@@ -362,8 +368,8 @@ class GlobalBudget:
                     with self._lock:
                         self._fail(exc)
                     return
-                except Exception:  # a timeout or a transport error: ask again shortly
-                    await asyncio.sleep(DRAW_RETRY_SECONDS)
+                except Exception:  # a 503, a timeout, a transport error: ask again shortly
+                    await asyncio.sleep(DRAW_RETRY_SECONDS * random.uniform(1, 2))
 
     async def _draw(self, client: PrefectClient) -> None:
         """Read the limit, wait for room for a chunk, take it."""
@@ -423,6 +429,16 @@ class GlobalBudget:
             f"decay); create it with: prefect gcl create {self.name} --limit 10 "
             "--slot-decay-per-second 1.5"
         )
+
+
+class PrefectApiBusy(Exception):
+    """The Prefect API answered 503: try again shortly."""
+
+
+async def _busy(response: Any) -> None:
+    """An httpx response hook: a 503 raises before Prefect's client can retry it itself."""
+    if response.status_code == 503:
+        raise PrefectApiBusy(f"Prefect API busy: {response.request.url}")
 
 
 def _hand(waiter: asyncio.Future[None], failure: BaseException | None) -> bool:
