@@ -16,8 +16,8 @@ the run's task runs), which Prefect's client retries only after about two second
 denied increment comes back with a Retry-After that grows with the slots denied before
 it. A limit holds only its slots' worth of budget (one second there): a draw stalled for
 longer than the room left in it loses the rest for good. Drawn as below, the same case
-delivered 101% with one process (the first second's burst included), 98% with two and 93%
-with three.
+delivered 101% with one process (the limit's burst at the start included) and 96-98% with
+three processes sharing the limit, with no 429 (BENCHMARKS.md, case 2).
 """
 
 from __future__ import annotations
