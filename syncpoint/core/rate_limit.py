@@ -23,6 +23,7 @@ three processes sharing the limit, with no 429 (BENCHMARKS.md, case 2).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import math
 import random
@@ -289,7 +290,8 @@ class GlobalBudget:
             )
             self._thread.start()
         elif self._loop is not None and self._wake is not None:
-            self._loop.call_soon_threadsafe(self._wake.set)
+            with contextlib.suppress(RuntimeError):  # its loop closing: see _run's finally
+                self._loop.call_soon_threadsafe(self._wake.set)
 
     def _wanted(self) -> bool:
         return bool(self._waiters) or (self._spent_since_draw and self._bank < self._chunk)
@@ -350,6 +352,7 @@ class GlobalBudget:
             while True:
                 with self._lock:
                     if self._closed:
+                        self._loop = self._wake = None
                         return
                     wanted = self._wanted()
                     if not wanted:
@@ -360,6 +363,9 @@ class GlobalBudget:
                     except TimeoutError:
                         with self._lock:
                             if not self._wanted():
+                                # From here on a request starts a new drawer, or is
+                                # handed to one by _run's finally.
+                                self._loop = self._wake = None
                                 return
                     continue
                 try:
@@ -393,8 +399,7 @@ class GlobalBudget:
             # Then read again rather than increment blind: another worker may have taken
             # the room meanwhile, and a denied increment costs more than a read. The
             # server stamps a denied limit as updated without decaying its slots, so a
-            # denial throws away the decay since the last write (up to half a chunk's
-            # worth at this pace).
+            # denial throws away the decay since the last write (up to a chunk's worth).
             await asyncio.sleep(wait + random.uniform(0, DRAW_JITTER * chunk / decay))
             return
         drawn_at = time.monotonic()
