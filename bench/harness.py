@@ -359,6 +359,51 @@ def watched(
     )
 
 
+def watched_together(
+    sim: SimProcess,
+    runs: Sequence[tuple[Sequence[str], dict[str, str], Path]],
+    *,
+    what: str,
+    timeout: float = 900,
+) -> Sample:
+    """Run several processes at once against `sim` (each as (args, env, cwd)) and time
+    their requests together, as one sample: first request of any to last of any."""
+    sim.reset_stats()
+    sim.start_watch()
+    cpu0 = _children_cpu()
+    started = time.monotonic()
+    try:
+        procs = [
+            subprocess.Popen(  # noqa: S603 - our own interpreter and arguments
+                list(args),
+                env=env,
+                cwd=cwd,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for args, env, cwd in runs
+        ]
+        outputs = [proc.communicate(timeout=timeout) for proc in procs]
+    finally:
+        seen = sim.stop_watch()
+    ended = time.monotonic()
+    cpu = _children_cpu() - cpu0
+    for proc, (out, err) in zip(procs, outputs, strict=True):
+        require(Timed(proc.returncode, out, err, started, ended, cpu), what)
+    first = seen["first"] if seen["first"] is not None else ended
+    last = seen["last"] if seen["last"] is not None else ended
+    return Sample(
+        timed=Timed(0, "", "", started, ended, cpu),
+        requests=seen["count"],
+        span=last - first,
+        startup=first - started,
+        tail=ended - last,
+        responses=dict(sim.stats()["responses"]),
+        stalls=list(seen["stalls"]),
+    )
+
+
 def syncpoint_cli(*args: str) -> list[str]:
     return [PYTHON, "-m", "syncpoint.cli", *args]
 

@@ -18,7 +18,14 @@ from syncpoint.core.interrupts import (
     interruptible_sleep,
     stop_requested,
 )
-from syncpoint.core.rate_limit import RateLimiter, drop_limiter, global_chunk, shared_limiter
+from syncpoint.core.rate_limit import (
+    Cover,
+    RateLimiter,
+    draw_wait,
+    drop_limiter,
+    global_chunk,
+    shared_limiter,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -241,3 +248,45 @@ def test_interruptible_returns_what_it_waited_for() -> None:
 )
 def test_global_chunk(limit: int, decay: float, chunk: int) -> None:
     assert global_chunk(limit, decay) == chunk
+
+
+@pytest.mark.parametrize(
+    ("active", "wait"),
+    [
+        pytest.param(0, 0.0, id="empty"),
+        pytest.param(50, 0.0, id="room-for-exactly-one-chunk"),
+        pytest.param(70, 0.2, id="twenty-slots-short"),
+        pytest.param(100, 0.5, id="full"),
+    ],
+)
+def test_draw_wait(active: int, wait: float) -> None:
+    # Limit 100 decaying at 100 a second, chunks of 50: the wait is the time the excess
+    # takes to decay.
+    assert draw_wait(100, active, 50, 100.0) == pytest.approx(wait)
+
+
+def test_cover_decays_at_the_limits_rate_and_never_below_zero() -> None:
+    cover = Cover(10.0)
+    cover.credit(5, drawn_at=1.0)
+    assert cover.level(1.0) == 5
+    assert cover.level(1.2) == pytest.approx(3)
+    assert cover.level(9.0) == 0
+    cover.credit(5, drawn_at=9.0)
+    assert cover.level(9.0) == 5  # nothing of the first draw is carried over
+
+
+def test_cover_adds_draws_like_the_limit_does() -> None:
+    cover = Cover(10.0)
+    cover.credit(5, drawn_at=0.0)
+    cover.credit(5, drawn_at=0.3)
+    assert cover.level(0.3) == pytest.approx(7)
+    assert cover.level(0.5) == pytest.approx(5)
+
+
+def test_cover_counts_a_late_reported_draw_from_when_it_was_drawn() -> None:
+    # A draw whose request left before the last one counted is decayed from when it left:
+    # counted from later, it would outlive what the limit still counts of it.
+    cover = Cover(10.0)
+    cover.credit(5, drawn_at=1.0)
+    cover.credit(5, drawn_at=0.8)
+    assert cover.level(1.0) == pytest.approx(5 + 3)
