@@ -18,6 +18,7 @@ from bench.harness import (
     Sample,
     SimProcess,
     baseline_sync,
+    ensure_global_limit,
     median,
     spread,
     syncpoint_cli,
@@ -81,7 +82,9 @@ def run(bench: Bench) -> CaseResult:
         GLOBAL: [],
         GLOBAL_SHARED: [],
     }
-    ensure_global_limit(bench.prefect_api_url)
+    ensure_global_limit(
+        bench.prefect_api_url, GLOBAL_LIMIT, slots=GLOBAL_SLOTS, per_minute=LIMIT_PER_MINUTE
+    )
     with SimProcess(latency_ms=LATENCY_MS, rate_limit_per_minute=LIMIT_PER_MINUTE) as sim:
         file = tickers_file(bench.folder("rate"), sim.data.symbols[:tickers_n])
         for rep in range(reps):
@@ -269,31 +272,3 @@ def shared_runs(bench: Bench, sim: SimProcess, where: Path, tickers_n: int) -> S
         )
         runs.append((args, env, folder))
     return watched_together(sim, runs, what=f"case 2 {GLOBAL_SHARED}")
-
-
-def ensure_global_limit(api_url: str) -> None:
-    """The shared budget on the bench's Prefect server, as GLOBAL_SLOTS / LIMIT_PER_MINUTE
-    say (the server's database outlives an invocation: an existing limit is reset)."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import (
-        GlobalConcurrencyLimitCreate,
-        GlobalConcurrencyLimitUpdate,
-    )
-    from prefect.exceptions import ObjectAlreadyExists
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    decay = LIMIT_PER_MINUTE / 60
-    with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
-        try:
-            client.create_global_concurrency_limit(
-                GlobalConcurrencyLimitCreate(
-                    name=GLOBAL_LIMIT, limit=GLOBAL_SLOTS, slot_decay_per_second=decay
-                )
-            )
-        except ObjectAlreadyExists:
-            client.update_global_concurrency_limit(
-                GLOBAL_LIMIT,
-                GlobalConcurrencyLimitUpdate(
-                    limit=GLOBAL_SLOTS, slot_decay_per_second=decay, active_slots=0
-                ),
-            )
