@@ -69,9 +69,6 @@ DRAW_RETRY_SECONDS = 0.05
 # chunk's time, so that one of them gets it and the others read again, rather than all
 # of them being denied together.
 DRAW_JITTER = 0.1
-# A denial among this many of the latest increments means other processes draw for the
-# same room: the drawer then jitters its draws and reads the limit again before each.
-CONTENTION_MEMORY = 16
 # A drawer with nothing asked of it for this long ends its thread (and its client); the
 # next request starts a new one.
 DRAWER_IDLE_SECONDS = 30.0
@@ -233,8 +230,6 @@ class GlobalBudget:
         # dropped because the limit no longer counted them; for benchmarks.
         self.draws = 0
         self.denied = 0
-        # Whether each of the drawer's latest increments was denied (the drawer's own).
-        self._recent: deque[bool] = deque(maxlen=CONTENTION_MEMORY)
         self.timeouts = 0
         self.dropped = 0
 
@@ -400,20 +395,13 @@ class GlobalBudget:
             if self._cover is None or self._cover.decay != decay:
                 self._cover = Cover(decay)
         wait = draw_wait(limit.limit, limit.active_slots, chunk, decay)
-        contended = any(self._recent)
-        if wait > 0 and contended:
+        if wait > 0:
             # Then read again rather than increment blind: another worker may have taken
             # the room meanwhile, and a denied increment costs more than a read. The
             # server stamps a denied limit as updated without decaying its slots, so a
             # denial throws away the decay since the last write (up to a chunk's worth).
             await asyncio.sleep(wait + random.uniform(0, DRAW_JITTER * chunk / decay))
             return
-        if wait > 0:
-            # No draw of this process was denied lately: no other is drawing for the same
-            # room, so it is taken the moment it comes. The jitter and the second read
-            # cost a tenth of a chunk's time each draw (measured: one process got 89% of a
-            # 25-a-second budget with them); a denial turns them back on.
-            await asyncio.sleep(wait)
         drawn_at = time.monotonic()
         try:
             response = await self._call(
@@ -424,14 +412,12 @@ class GlobalBudget:
         except httpx.HTTPStatusError as exc:
             if exc.response.status_code == 423:  # another worker took the room: read again
                 self.denied += 1
-                self._recent.append(True)
                 return
             if exc.response.status_code in (404, 422):
                 raise self._missing() from None
             raise
         if not response.json():  # the server skips a limit that does not exist
             raise self._missing()
-        self._recent.append(False)
         with self._lock:
             self._deposit(chunk, drawn_at)
 
