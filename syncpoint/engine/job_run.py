@@ -125,7 +125,6 @@ class JobRun:
         # Batches the current stage fetches at once (its pipeline depth), for the stop notice.
         self._fetching = MIN_FETCHES_IN_FLIGHT
         self._last_progress_log = 0.0
-        self._sharded_seen = 0  # items a sharded stage's children settled, as last shown
         self.checkpoints = store.target(data)
         self.ledger = Ledger(self.checkpoints.engine())
         expired = self.ledger.expire(store.retention_days)
@@ -346,12 +345,14 @@ class JobRun:
         planned = start.untouched
         began = time.monotonic()
         batches_total = -(-planned // batch_size)
+        shown = 0  # items settled by the children, as last shown
 
         def on_wait(counts: StageCounts) -> None:
+            nonlocal shown
             processed = max(0, counts.settled - start.settled)
-            if processed == self._sharded_seen:
+            if processed == shown:
                 return
-            self._sharded_seen = processed
+            shown = processed
             self.progress(
                 Progress(
                     stage=name,
@@ -367,7 +368,6 @@ class JobRun:
                 )
             )
 
-        self._sharded_seen = 0
         self._passes.append(StageRun())
         ran = run_shards(
             shards,
