@@ -408,6 +408,21 @@ def syncpoint_cli(*args: str) -> list[str]:
     return [PYTHON, "-m", "syncpoint.cli", *args]
 
 
+def daily_sync_cli(tickers: Path, concurrency: int, *extra: str) -> list[str]:
+    """`syncpoint run daily-sync` of the bench's date over a tickers file."""
+    return syncpoint_cli(
+        "run",
+        "daily-sync",
+        "--date",
+        DAY,
+        "--tickers-file",
+        str(tickers),
+        "--concurrency",
+        str(concurrency),
+        *extra,
+    )
+
+
 def bench_module(module: str, *args: str) -> list[str]:
     return [PYTHON, "-m", f"bench.{module}", *args]
 

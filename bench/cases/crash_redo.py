@@ -19,13 +19,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench.harness import (
-    DAY,
     Bench,
     CaseResult,
     Failed,
     baseline_sync,
+    daily_sync_cli,
     sqlite_scalar,
-    syncpoint_cli,
     tickers_file,
     watched,
 )
@@ -105,18 +104,7 @@ def run(bench: Bench) -> CaseResult:
         db = where / "sync.db"
         file = tickers_file(where, sim.data.symbols[:tickers_n])
         env = bench.env(MARKET_API_URL=sim.base_url, SYNCPOINT_DATABASE_URL=f"sqlite:///{db}")
-        cli = syncpoint_cli(
-            "run",
-            "daily-sync",
-            "--date",
-            DAY,
-            "--tickers-file",
-            str(file),
-            "--batch-size",
-            str(batch),
-            "--concurrency",
-            str(CONCURRENCY),
-        )
+        cli = daily_sync_cli(file, CONCURRENCY, "--batch-size", str(batch))
         sim.reset_stats()
         # Past the done mark, wait until the next batch is half fetched: a kill right after
         # a commit would find nothing in flight and prove nothing.

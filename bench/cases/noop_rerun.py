@@ -21,11 +21,11 @@ from bench.harness import (
     Failed,
     Sample,
     bench_module,
+    daily_sync_cli,
     median,
     require,
     run_timed,
     spread,
-    syncpoint_cli,
     tickers_file,
     watched,
 )
@@ -61,18 +61,7 @@ def run(bench: Bench) -> CaseResult:
         env = bench.env(
             MARKET_API_URL=sim.base_url, SYNCPOINT_DATABASE_URL=f"sqlite:///{where / 'sync.db'}"
         )
-        cli = syncpoint_cli(
-            "run",
-            "daily-sync",
-            "--date",
-            DAY,
-            "--tickers-file",
-            str(file),
-            "--batch-size",
-            str(BATCH_SIZE),
-            "--concurrency",
-            str(CONCURRENCY),
-        )
+        cli = daily_sync_cli(file, CONCURRENCY, "--batch-size", str(BATCH_SIZE))
         print(f"  [3] completing the {tickers_n:,}-ticker date once...", flush=True)
         first = watched(sim, cli, env=env, cwd=where, what="case 3 first run")
         if first.requests != 2 * tickers_n:

@@ -12,16 +12,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from bench.harness import (
-    DAY,
     Bench,
     CaseResult,
     Sample,
     SimProcess,
     baseline_sync,
+    daily_sync_cli,
     ensure_global_limit,
     median,
     spread,
-    syncpoint_cli,
     tickers_file,
     watched,
     watched_together,
@@ -110,17 +109,7 @@ def run(bench: Bench) -> CaseResult:
                     env = bench.env()
                 else:
                     tuned = ["--batch-size", str(TUNED_BATCH_SIZE)] if label == TUNED else []
-                    args = syncpoint_cli(
-                        "run",
-                        "daily-sync",
-                        "--date",
-                        DAY,
-                        "--tickers-file",
-                        str(file),
-                        "--concurrency",
-                        str(CONCURRENCY),
-                        *tuned,
-                    )
+                    args = daily_sync_cli(file, CONCURRENCY, *tuned)
                     budget = (
                         {"MARKET_API_GLOBAL_RATE_LIMIT": GLOBAL_LIMIT}
                         if label == GLOBAL
@@ -154,33 +143,9 @@ def run(bench: Bench) -> CaseResult:
         f"syncpoint {TUNED}: 429 responses (all runs)",
         str(sum(s.responses.get("429", 0) for s in tuned_runs)),
     )
-    shared = samples[GLOBAL]
-    shared_throttled = sum(s.responses.get("429", 0) for s in shared)
-    result.add(
-        f"syncpoint defaults, {GLOBAL}: pace, share of 6,000/min",
-        spread([100 * pace(s) for s in shared], "%", 1),
-        f">= {TARGET_GLOBAL_PACE:.0%}",
-        median([pace(s) for s in shared]) >= TARGET_GLOBAL_PACE,
-    )
-    result.add(
-        f"syncpoint defaults, {GLOBAL}: 429 responses (all runs)",
-        str(shared_throttled),
-        "0",
-        shared_throttled == 0,
-    )
-    together = samples[GLOBAL_SHARED]
-    together_throttled = sum(s.responses.get("429", 0) for s in together)
-    result.add(
-        f"syncpoint defaults, {GLOBAL_SHARED}: pace together, share of 6,000/min",
-        spread([100 * pace(s) for s in together], "%", 1),
-        f">= {TARGET_GLOBAL_PACE:.0%}",
-        median([pace(s) for s in together]) >= TARGET_GLOBAL_PACE,
-    )
-    result.add(
-        f"syncpoint defaults, {GLOBAL_SHARED}: 429 responses (all runs)",
-        str(together_throttled),
-        "0",
-        together_throttled == 0,
+    budget_figures(result, f"syncpoint defaults, {GLOBAL}", samples[GLOBAL], "pace")
+    budget_figures(
+        result, f"syncpoint defaults, {GLOBAL_SHARED}", samples[GLOBAL_SHARED], "pace together"
     )
     result.add("baseline: pace, share of 6,000/min", spread([100 * pace(s) for s in base], "%", 1))
     result.add(
@@ -247,6 +212,23 @@ def report(rep: int, reps: int, label: str, sample: Sample) -> None:
     )
 
 
+def budget_figures(result: CaseResult, who: str, samples: list[Sample], pace_name: str) -> None:
+    """The pace of runs under the global limit (judged) and the 429s they received."""
+    throttled = sum(s.responses.get("429", 0) for s in samples)
+    result.add(
+        f"{who}: {pace_name}, share of 6,000/min",
+        spread([100 * pace(s) for s in samples], "%", 1),
+        f">= {TARGET_GLOBAL_PACE:.0%}",
+        median([pace(s) for s in samples]) >= TARGET_GLOBAL_PACE,
+    )
+    result.add(
+        f"{who}: 429 responses (all runs)",
+        str(throttled),
+        "0",
+        throttled == 0,
+    )
+
+
 def shared_runs(bench: Bench, sim: SimProcess, where: Path, tickers_n: int) -> Sample:
     """SHARING runs at once under the global limit, each with its share of the tickers."""
     symbols = sim.data.symbols[:tickers_n]
@@ -255,16 +237,7 @@ def shared_runs(bench: Bench, sim: SimProcess, where: Path, tickers_n: int) -> S
         folder = where / f"run-{n}"
         folder.mkdir()
         file = tickers_file(folder, symbols[n::SHARING])
-        args = syncpoint_cli(
-            "run",
-            "daily-sync",
-            "--date",
-            DAY,
-            "--tickers-file",
-            str(file),
-            "--concurrency",
-            str(CONCURRENCY),
-        )
+        args = daily_sync_cli(file, CONCURRENCY)
         env = bench.env(
             MARKET_API_URL=sim.base_url,
             SYNCPOINT_DATABASE_URL=f"sqlite:///{folder / 'sync.db'}",

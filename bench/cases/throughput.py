@@ -15,16 +15,15 @@ take <= 0.7x the script's span; batch 50 takes <= 1.15x batch 250's span, which 
 from __future__ import annotations
 
 from bench.harness import (
-    DAY,
     Bench,
     CaseResult,
     Failed,
     Sample,
     SimProcess,
     baseline_sync,
+    daily_sync_cli,
     median,
     spread,
-    syncpoint_cli,
     tickers_file,
     watched,
 )
@@ -76,17 +75,7 @@ def run(bench: Bench) -> CaseResult:
                     env = bench.env()
                 else:
                     flags = [] if label == DEFAULT else ["--batch-size", label.split()[1]]
-                    args = syncpoint_cli(
-                        "run",
-                        "daily-sync",
-                        "--date",
-                        DAY,
-                        "--tickers-file",
-                        str(file),
-                        "--concurrency",
-                        str(CONCURRENCY),
-                        *flags,
-                    )
+                    args = daily_sync_cli(file, CONCURRENCY, *flags)
                     env = bench.env(
                         MARKET_API_URL=sim.base_url,
                         SYNCPOINT_DATABASE_URL=f"sqlite:///{where / 'sync.db'}",
