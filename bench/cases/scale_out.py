@@ -223,7 +223,7 @@ def cluster(bench: Bench, bindir: Path) -> Iterator[tuple[Any, Any]]:
     server and a function that makes a new data database (its URL)."""
     import sqlalchemy as sa
 
-    from tests.e2e.harness import prefect_cli, prefect_server, throwaway_postgres
+    from tests.e2e.harness import deploy, prefect_server, throwaway_postgres
 
     folder = bench.folder("scale-out-cluster")
     with throwaway_postgres(bindir, "prefect") as url:
@@ -232,11 +232,7 @@ def cluster(bench: Bench, bindir: Path) -> Iterator[tuple[Any, Any]]:
         with prefect_server(
             "postgres", folder, server_url.render_as_string(hide_password=False)
         ) as server:
-            env = server.cli_env()
-            for args in (["work-pool", "create", POOL, "--type", "process"], ["deploy", "--all"]):
-                done = prefect_cli(args, env)
-                if done.returncode != 0:
-                    raise Failed(f"prefect {' '.join(args)}: {done.stdout}{done.stderr}")
+            deploy(server)
             admin = sa.create_engine(
                 root.set(drivername="postgresql+psycopg"), isolation_level="AUTOCOMMIT"
             )

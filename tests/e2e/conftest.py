@@ -28,9 +28,9 @@ from tests.e2e.harness import (
     Stack,
     api,
     debian_postgres_bindir,
+    deploy,
     pgserver_has_pg_trgm,
     poll,
-    prefect_cli,
     prefect_server,
     start_worker,
     throwaway_postgres,
@@ -83,14 +83,10 @@ def server(
 @pytest.fixture(scope="module")
 def deployed(server: Server) -> Deployed:
     """`prefect work-pool create` and `prefect deploy --all`, from the repository root."""
-    env = server.cli_env()
-    pool = prefect_cli(["work-pool", "create", POOL, "--type", "process"], env)
-    assert pool.returncode == 0, pool.stdout + pool.stderr
-    deploy = prefect_cli(["deploy", "--all"], env)
-    assert deploy.returncode == 0, deploy.stdout + deploy.stderr
+    output = deploy(server)
     with api(server) as client:
         deployment = client.read_deployment_by_name(DEPLOYMENT)
-    return Deployed(server, deployment, deploy.stdout + deploy.stderr)
+    return Deployed(server, deployment, output)
 
 
 @pytest.fixture(scope="module")

@@ -202,6 +202,17 @@ def prefect_server(
         proc.stop()
 
 
+def deploy(server: Server) -> str:
+    """`prefect work-pool create` and `prefect deploy --all` from the repository root, as
+    the README says; their output."""
+    env = server.cli_env()
+    pool = prefect_cli(["work-pool", "create", POOL, "--type", "process"], env)
+    assert pool.returncode == 0, pool.stdout + pool.stderr
+    done = prefect_cli(["deploy", "--all"], env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout + done.stderr
+
+
 @contextlib.contextmanager
 def api(server: Server) -> Iterator[Any]:
     """A sync Prefect client for `server` (the in-process settings are left untouched)."""

@@ -41,8 +41,8 @@ from tests.e2e.harness import (
     Server,
     api,
     base_env,
+    deploy,
     poll,
-    prefect_cli,
     prefect_server,
     retry_from_cli,
     wait_worker_done,
@@ -119,11 +119,7 @@ def cluster(
             SimulatorConfig(latency_ms=150, rate_limit_per_minute=BUDGET_PER_MINUTE)
         ) as sim,
     ):
-        env = server.cli_env()
-        pool = prefect_cli(["work-pool", "create", POOL, "--type", "process"], env)
-        assert pool.returncode == 0, pool.stdout + pool.stderr
-        deploy = prefect_cli(["deploy", "--all"], env)
-        assert deploy.returncode == 0, deploy.stdout + deploy.stderr
+        deploy(server)
         with api(server) as client:
             client.create_global_concurrency_limit(
                 GlobalConcurrencyLimitCreate(
@@ -259,22 +255,22 @@ def reference(cluster: Cluster, pg_root_url: str, tickers: list[str]) -> set[Any
     return prices(url, tickers)
 
 
-def worker_running(cluster: Cluster, flow_run_ids: set[str]) -> Proc:
-    """A worker whose flow-run process is one of these runs."""
+def running(cluster: Cluster, flow_run_ids: set[str], what: str) -> tuple[Proc, psutil.Process]:
+    """A live worker whose flow-run process executes one of these runs, and that process."""
 
-    def find() -> Proc | None:
+    def find() -> tuple[Proc, psutil.Process] | None:
         for worker in cluster.workers:
             if not worker.alive():
                 continue
             for child in psutil.Process(worker.popen.pid).children(recursive=True):
                 try:
                     if child.environ().get("PREFECT__FLOW_RUN_ID") in flow_run_ids:
-                        return worker
+                        return worker, child
                 except psutil.Error:
                     continue
         return None
 
-    return poll("a worker running a shard", find, 120, context=cluster.logs)
+    return poll(what, find, 120, context=cluster.logs)
 
 
 def test_three_workers_sync_what_one_process_syncs_and_survive_a_kill(
@@ -302,7 +298,8 @@ def test_three_workers_sync_what_one_process_syncs_and_survive_a_kill(
         240,
         context=cluster.logs,
     )
-    victim = worker_running(cluster, {str(r.id) for r in children(cluster, run_id)})
+    ids = {str(r.id) for r in children(cluster, run_id)}
+    victim, _ = running(cluster, ids, "a worker running a shard")
     os.killpg(victim.popen.pid, signal.SIGKILL)  # the worker and its flow run, no cleanup
     victim.popen.wait(10)
 
@@ -454,7 +451,8 @@ def test_a_crashed_parent_retried_from_prefect_reuses_its_children(cluster: Clus
         180,
         context=cluster.logs,
     )
-    flow_run_process(cluster, str(parent.id)).kill()
+    _, engine = running(cluster, {str(parent.id)}, "the parent's process")
+    engine.kill()
     crashed = wait_final_run(cluster, parent.id)
     assert crashed.state.is_crashed(), crashed.state
     wait_worker_done(cluster, parent.id, attempts=1)  # type: ignore[arg-type]
@@ -465,21 +463,3 @@ def test_a_crashed_parent_retried_from_prefect_reuses_its_children(cluster: Clus
     assert len(children(cluster, run_id)) == 2  # found again, none added
     assert item_attempts(cluster.data_url, run_id) == {("done", 1): len(tickers)}
     assert sim.stats()["by_endpoint"][PRICES] == len(tickers)
-
-
-def flow_run_process(cluster: Cluster, flow_run_id: str) -> psutil.Process:
-    """The worker's child process that executes this flow run."""
-
-    def find() -> psutil.Process | None:
-        for worker in cluster.workers:
-            if not worker.alive():
-                continue
-            for child in psutil.Process(worker.popen.pid).children(recursive=True):
-                try:
-                    if child.environ().get("PREFECT__FLOW_RUN_ID") == flow_run_id:
-                        return child
-                except psutil.Error:
-                    continue
-        return None
-
-    return poll(f"the process of flow run {flow_run_id}", find, 120, context=cluster.logs)
