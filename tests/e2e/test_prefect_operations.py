@@ -539,7 +539,7 @@ def test_a_crashed_run_retried_refetches_at_most_two_batches(
     stack: Stack, market: MarketSimulator
 ) -> None:
     """SIGKILL of the flow run's process: the worker reports Crashed; a retry resumes."""
-    market.config.latency_ms = 60
+    market.config.latency_ms = 300
     symbols = tickers(market, 100, 200)
     run_id = trigger(stack, CRASHED_DATE, symbols, batch_size=BATCH)
     ledger = Ledger(stack.data_db)
