@@ -543,16 +543,14 @@ def test_a_crashed_run_retried_refetches_at_most_two_batches(
     symbols = tickers(market, 100, 200)
     run_id = trigger(stack, CRASHED_DATE, symbols, batch_size=BATCH)
     ledger = Ledger(stack.data_db)
-    # Found before the threshold, so the kill follows it at once: looking the process up
-    # takes long enough that a fast run could finish its stage in between.
-    engine = engine_process(stack, run_id)
-    assert "prefect.engine" in " ".join(engine.cmdline())
     poll(
         "20 tickers stored before the kill",
         lambda: len(ledger.items(CRASHED_DATE, "prices")) >= 20,
         180,
         context=stack.logs,
     )
+    engine = engine_process(stack, run_id)
+    assert "prefect.engine" in " ".join(engine.cmdline())
     engine.kill()
 
     crashed = wait_final(stack, run_id, timeout=120)

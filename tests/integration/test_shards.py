@@ -40,7 +40,7 @@ LEASE_SECONDS = 10
 @pytest.fixture
 def slow_market() -> Iterator[MarketSimulator]:
     """Slow enough that a run lasts a few seconds and a kill lands in the middle."""
-    with MarketSimulator(SimulatorConfig(latency_ms=40)) as sim:
+    with MarketSimulator(SimulatorConfig(latency_ms=100)) as sim:
         yield sim
 
 
