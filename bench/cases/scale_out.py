@@ -181,9 +181,10 @@ def report(result: CaseResult, rates: dict[tuple[str, int], Sample]) -> None:
             f"{100 * min(shares):.0f}-{100 * max(shares):.0f}% of the budget with one worker "
             "as with three, so the loss is in how one process draws, not in sharing. Case 2 "
             "(a budget of 100/s, a SQLite-backed server) reaches 98-101% with the same drawer. "
-            "Not the drawer's jitter and second read: without them (tried) one worker got "
-            "86%. Next to measure: the draws' timing against this PostgreSQL-backed server at "
-            "25 slots (chunks of 12, half a second each)."
+            "Known losses: the server rounds its decay down at every write (about half a slot "
+            "a draw), and a chunk that arrives with the cover at zero has decayed by the "
+            "draw's round trip (kept, rounded up: syncpoint.core.rate_limit."
+            "slots_still_counted)."
         )
     startups = [rates[("latency-bound", n)].startup for n in WORKERS]
     result.add(

@@ -25,6 +25,7 @@ from syncpoint.core.rate_limit import (
     drop_limiter,
     global_chunk,
     shared_limiter,
+    slots_still_counted,
 )
 
 
@@ -290,3 +291,22 @@ def test_cover_counts_a_late_reported_draw_from_when_it_was_drawn() -> None:
     cover.credit(5, drawn_at=1.0)
     cover.credit(5, drawn_at=0.8)
     assert cover.level(1.0) == pytest.approx(5 + 3)
+
+
+@pytest.mark.parametrize(
+    ("bank", "cover", "kept"),
+    [
+        (12, 12.0, 12),
+        # A chunk that arrives after a 40 ms round trip at 25/s, the cover at zero before
+        # it: the limit still counts 11 slots of it and part of the twelfth.
+        (12, 11.0, 11),
+        (12, 11.001, 12),
+        (12, 8.5, 9),  # held: what the limit has forgotten is dropped
+        (12, 0.0, 0),
+        (3, 11.5, 3),  # more cover than slots: the bank is kept as it is
+    ],
+)
+def test_slots_still_counted_keeps_a_slot_the_limit_counts_in_part(
+    bank: int, cover: float, kept: int
+) -> None:
+    assert slots_still_counted(bank, cover) == kept
