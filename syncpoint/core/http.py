@@ -23,6 +23,7 @@ no URL leaves this module unredacted, and upstream text in messages goes through
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import itertools
 import json
@@ -537,6 +538,13 @@ class ClientThread:
             thread.join(timeout=30)
         if not loop.is_running():
             loop.close()
+
+    def call_soon(self, callback: Callable[[], object]) -> None:
+        """`callback()` on the client's loop, from any thread; nothing once it has closed."""
+        loop = self._loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # closing meanwhile
+                loop.call_soon_threadsafe(callback)
 
     def run(self, work: Callable[[ApiClient], Awaitable[T]]) -> T:
         """`work(view)` on the client's loop, waited for from the calling thread (a Prefect

@@ -80,7 +80,7 @@ class StageReport:
     counts: StageCounts = field(default_factory=StageCounts)
     rows_written: int = 0
     requests: int = 0  # requests that went out in this invocation
-    batches_reused: int = 0  # fetched batches served from the task cache: no requests
+    batches_reused: int = 0  # fetched batches served from the fetch cache: no requests
     error: str | None = None
     seconds: float = 0.0
 
@@ -669,11 +669,10 @@ class _StopAnnouncer:
             if run.stop.signum is None:
                 return  # a lost claim: the heartbeat has said so already
             run.logger.warning(
-                "%s: no new batch starts; the batches in flight (at most %d: %d fetching, "
-                "one storing) finish and are stored, then the run stops. Nothing done so far "
-                "is lost. %s",
+                "%s: no new batch starts; the batches started (at most %d fetching) "
+                "finish and are stored with those already fetched, then the run stops. "
+                "Nothing done so far is lost. %s",
                 run.stopped_by(),
-                run._fetching + 1,
                 run._fetching,
                 run.resume_hint,
             )

@@ -1,10 +1,11 @@
-"""The batch steps: fetch a batch's items from a source (a Prefect task), store its rows
-and marks.
+"""The batch steps: fetch batches' items from a source (a Prefect task run per window of
+batches), store each batch's rows and marks.
 
-The fetch task is cached on (source, run, stage, items with their attempt counts), so a
-retry after a failed store step reuses the fetched batch instead of spending quota on it
+Every fetched batch is recorded in Prefect's result storage under a key of (source, run,
+stage, items with their attempt counts) before it is stored, so a retry after a failed
+store step, or after a crash, reuses the fetched batch instead of spending quota on it
 again. Every item of a stored batch gets a mark (its attempts go up), so a batch whose
-store committed can never hit a stale cache entry again.
+store committed can never hit a stale record again.
 
 Nothing one item does fails its batch: an answer the source's parser refuses, and any
 exception nobody foresaw, fail that item with the reason; rows the database refuses fail
@@ -17,19 +18,24 @@ import asyncio
 import hashlib
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
 from prefect import get_run_logger, task
-from prefect.context import TaskRunContext
+from prefect.cache_policies import NO_CACHE
+from prefect.results import ResultStore
 from prefect.serializers import PickleSerializer
+from prefect.types._datetime import DateTime
+from prefect.types._datetime import now as prefect_now
 
 from syncpoint.core.db import Database
 from syncpoint.core.errors import ConfigError, FatalApiError, ItemError, RetriableApiError
 from syncpoint.core.http import ApiClient, ClientThread
+from syncpoint.core.interrupts import StopFlag
 from syncpoint.core.ledger import ErrorKind, ItemOutcome, Lease, LeaseLost, Ledger, PendingItem
 from syncpoint.core.redact import redact
 from syncpoint.core.request_slots import RequestSlots
@@ -79,9 +85,8 @@ class BatchOutcome:
         return units
 
 
-def batch_cache_key(_context: TaskRunContext, parameters: dict[str, Any]) -> str:
-    source: Source = parameters["source"]
-    batch: Batch = parameters["batch"]
+def batch_cache_key(source: Source, batch: Batch) -> str:
+    """The fetch cache's key for a batch: source, run, stage, items and their attempts."""
     identity = [
         source.cache_identity(),
         batch.run_id,
@@ -92,42 +97,248 @@ def batch_cache_key(_context: TaskRunContext, parameters: dict[str, Any]) -> str
     return f"syncpoint-fetch-{digest}"
 
 
-@task(
-    name="fetch-batch",
-    task_run_name="fetch {batch.stage} #{batch.number}",
-    cache_key_fn=batch_cache_key,
-    cache_expiration=FETCH_CACHE_TTL,
-    persist_result=True,
-    # Prefect keeps the last 1,000 results in memory unless told not to: at 1,000 rows a
-    # batch that was most of a long run's memory, growing with the run. The result is on
-    # disk (persisted) and read once, by the stage.
-    cache_result_in_memory=False,
-    # The standard library's pickler: cloudpickle calls back into Python for every date
-    # in the rows (thousands a batch) to learn what the C pickler already knows. A batch
-    # holds only this module's dataclasses and plain values.
-    result_serializer=PickleSerializer(picklelib="pickle"),
-)
-def fetch_batch(
-    source: Source, batch: Batch, slots: RequestSlots, clients: ClientThread
-) -> BatchOutcome:
-    """Fetch every item of a batch; each ends done or failed, none is left unaccounted.
+def fetch_cache() -> ResultStore:
+    """Prefect's result store as the fetch cache: one record per fetched batch, in the
+    default result storage (PREFECT_LOCAL_STORAGE_PATH, shared by a sharded run's workers)
+    under batch_cache_key, as a cached task's result would be.
 
-    `slots` is the stage's gate (not part of the cache key): it bounds the requests in
-    flight across this batch and the next, and a refused key closes it for both.
-    `clients` is the stage's open client (not part of the cache key either): the items run
-    on its loop and reuse its connections.
+    The standard library's pickler: cloudpickle calls back into Python for every date in
+    the rows (thousands a batch) to learn what the C pickler already knows. A record holds
+    only this module's dataclasses and plain values. Nothing is kept in memory: a record
+    is read once, by a rerun.
+    """
+    return ResultStore(
+        serializer=PickleSerializer(picklelib="pickle"), cache_result_in_memory=False
+    )
+
+
+def cached_outcome(cache: ResultStore, key: str) -> BatchOutcome | None:
+    """The batch an earlier attempt fetched, if its record is there, unexpired and whole; a
+    record that cannot be read counts as absent (the batch is fetched again)."""
+    try:
+        if not cache.exists(key):
+            return None
+        found = cache.read(key).result
+    except Exception:
+        return None
+    return found if isinstance(found, BatchOutcome) else None
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """A batch as the fetch step hands it to the stage: `reused` when an earlier attempt's
+    record answered it and no request went out now."""
+
+    outcome: BatchOutcome
+    reused: bool = False
+
+
+class Handoff:
+    """One batch handed from its fetch to the stage's thread: set once, taken once. What
+    is taken is dropped here: a window's batches must not stay in memory with it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._ready = threading.Event()
+        self._value: Fetched | None = None
+        self._error: BaseException | None = None
+
+    def put(self, value: Fetched | None) -> None:
+        with self._lock:
+            if not self._ready.is_set():
+                self._value = value
+                self._ready.set()
+
+    def fail(self, error: BaseException) -> None:
+        """Unless a batch was put already: taking raises `error`."""
+        with self._lock:
+            if not self._ready.is_set():
+                self._error = error
+                self._ready.set()
+
+    def take(self) -> Fetched | None:
+        """Wait for the batch; None if it was not started (the stage stopped starting
+        batches, or the API key was refused first), and its items stay pending."""
+        self._ready.wait()
+        with self._lock:
+            value, self._value = self._value, None
+        if self._error is not None:
+            raise self._error
+        return value
+
+
+class BatchGate:
+    """Which of a stage's batches may fetch: the n-th (in the stage's order, from 0) once
+    fewer than `depth` batches before it are still to be taken by the stage's thread.
+
+    So at most `depth` batches are fetching or fetched and not yet taken, whichever task
+    run (window) they are in and whichever of those runs started first: what a crash can
+    make a rerun fetch again, and what of the fetched rows is in memory. Admission goes by
+    position, not arrival, so the batch the stage waits for next is always admitted.
+    Used on the client's loop; `taken()` may be called from any thread.
+    """
+
+    def __init__(self, depth: int, clients: ClientThread) -> None:
+        self.depth = depth
+        self._clients = clients
+        self._taken = 0
+        self._waiting: dict[int, asyncio.Future[None]] = {}
+
+    async def admit(self, position: int) -> None:
+        if position < self._taken + self.depth:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiting[position] = waiter
+        try:
+            await waiter
+        finally:
+            self._waiting.pop(position, None)
+
+    def taken(self) -> None:
+        """The stage's thread took its next batch: one more may start."""
+        self._clients.call_soon(self._advance)
+
+    def _advance(self) -> None:
+        self._taken += 1
+        for position, waiter in list(self._waiting.items()):
+            if position < self._taken + self.depth and not waiter.done():
+                waiter.set_result(None)
+
+
+class Halt:
+    """Whether a stage has stopped starting batches: a stop was requested for the run, or
+    the stage is leaving early (a store failed). Batches not started by then are handed
+    back as None and their items stay pending; those started finish."""
+
+    def __init__(self, stop: StopFlag) -> None:
+        self._stop = stop
+        self._leaving = False
+
+    def leave(self) -> None:
+        self._leaving = True
+
+    @property
+    def requested(self) -> bool:
+        return self._leaving or self._stop.requested
+
+
+@dataclass(frozen=True)
+class Window:
+    """Consecutive batches one fetch task run takes, each handed back on its own Handoff
+    as soon as it is fetched and recorded."""
+
+    batches: tuple[Batch, ...]
+    handoffs: tuple[Handoff, ...]
+    first: int = 0  # the first batch's position in the stage (see BatchGate)
+
+    @classmethod
+    def of(cls, batches: Sequence[Batch], first: int = 0) -> Window:
+        return cls(tuple(batches), tuple(Handoff() for _ in batches), first)
+
+    def fail_untaken(self, why: BaseException) -> None:
+        """Every batch not handed back yet fails with `why` (its fetch task ended early)."""
+        for handoff in self.handoffs:
+            handoff.fail(why)
+
+
+def window_run_name() -> str:
+    """`fetch prices #12-#16`: the batches a fetch task run took."""
+    from prefect.runtime import task_run
+
+    window: Window = task_run.parameters["window"]
+    first, last = window.batches[0], window.batches[-1]
+    numbers = f"#{first.number}" if first is last else f"#{first.number}-#{last.number}"
+    return f"fetch {first.stage} {numbers}"
+
+
+@task(
+    name="fetch-batches",
+    task_run_name=window_run_name,
+    # The cache is per batch (fetch_cache), not per task run: a rerun plans its windows
+    # anew, and a batch fetched by any earlier attempt is reused whichever window takes it.
+    cache_policy=NO_CACHE,
+    persist_result=False,
+)
+def fetch_window(
+    source: Source,
+    window: Window,
+    slots: RequestSlots,
+    clients: ClientThread,
+    gate: BatchGate,
+    halt: Halt,
+) -> None:
+    """Fetch a window of batches, handing each back (window.handoffs) once its record is
+    written: every item ends done or failed, none is left unaccounted.
+
+    One task run per window, not per batch: a task run costs ~5 ms of CPU here and its
+    events ~30 ms more on the Prefect server, so at 50 tickers a batch they were a third
+    of a run's span (bench case 1) and at fill-cache's 5 most of it (case 8). The
+    checkpoint's grain stays the batch: each is recorded, handed back and stored alone.
+
+    `slots` is the stage's request gate: it bounds the requests in flight across every
+    batch, and a refused key closes it. `gate` admits the stage's batches in order, across
+    windows, so only so many are fetching or waiting to be stored; `halt` says when to
+    start no more. `clients` is the stage's open client: the items run on its loop and
+    reuse its connections.
 
     A sync task on purpose: Prefect runs an async task on a new event loop with a new API
-    client of its own (an SSL context loaded per batch, ~40 ms of CPU); a sync task reuses
-    the flow's, and the items' I/O is on the client's loop either way.
+    client of its own; a sync task reuses the flow's, and the items' I/O is on the
+    client's loop either way.
     """
     # Taken here, in the task's context: the items run on the client's own thread and
     # loop, where Prefect has no run context to find a logger in.
     logger = get_run_logger()
+    cache = fetch_cache()
 
-    async def one(
-        client: ApiClient, pending: PendingItem
-    ) -> tuple[list[dict[str, Any]], ItemOutcome]:
+    def record(key: str, outcome: BatchOutcome) -> None:
+        # Prefect's own clock and datetime type, as its task engine stamps expirations.
+        expires = cast(DateTime, prefect_now("UTC") + FETCH_CACHE_TTL)
+        cache.write(obj=outcome, key=key, expiration=expires)
+
+    async def one_batch(client: ApiClient, position: int, batch: Batch, handoff: Handoff) -> None:
+        try:
+            await gate.admit(position)
+            if halt.requested or slots.closed:
+                handoff.put(None)
+                return
+            key = batch_cache_key(source, batch)
+            found = await asyncio.to_thread(cached_outcome, cache, key)
+            if found is not None:
+                handoff.put(Fetched(found, reused=True))
+                return
+            outcome = await fetch_items(client.share(), source, batch, slots, logger)
+            # Recorded before it is handed back: a stored batch always had its record.
+            await asyncio.to_thread(record, key, outcome)
+            handoff.put(Fetched(outcome))
+        except BaseException as exc:
+            handoff.fail(exc)
+            raise
+
+    async def every_batch(client: ApiClient) -> None:
+        running = [
+            asyncio.ensure_future(one_batch(client, window.first + n, batch, handoff))
+            for n, (batch, handoff) in enumerate(zip(window.batches, window.handoffs, strict=True))
+        ]
+        try:
+            await asyncio.gather(*running)
+        except BaseException:
+            # gather() leaves the others running when one raises: on the stage's client
+            # loop they would outlive this task, waiting for a gate nobody serves.
+            for job in running:
+                job.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
+            raise
+
+    clients.run(every_batch)
+
+
+async def fetch_items(
+    client: ApiClient, source: Source, batch: Batch, slots: RequestSlots, logger: Logger
+) -> BatchOutcome:
+    """Every item of a batch, concurrently, on `client` (a share() of the stage's: its
+    request count is this batch's)."""
+
+    async def one(pending: PendingItem) -> tuple[list[dict[str, Any]], ItemOutcome]:
         item = pending.item
         async with slots:
             if slots.closed:
@@ -154,28 +365,20 @@ def fetch_batch(
                 logger.warning("%s: %s", item, reason)
                 return [], ItemOutcome.failed(item, ErrorKind.PERMANENT, reason)
 
-    async def every_item(
-        client: ApiClient,
-    ) -> tuple[list[tuple[list[dict[str, Any]], ItemOutcome]], int]:
-        running = [asyncio.ensure_future(one(client, p)) for p in batch.items]
-        try:
-            results = await asyncio.gather(*running)
-        except BaseException:
-            # gather() leaves the other items running when one raises: on the stage's
-            # client loop they would outlive this task, waiting for slots nobody serves.
-            for item in running:
-                item.cancel()
-            await asyncio.gather(*running, return_exceptions=True)
-            raise
-        return results, client.requests_sent
-
-    results, requests = clients.run(every_item)
+    running = [asyncio.ensure_future(one(p)) for p in batch.items]
+    try:
+        results = await asyncio.gather(*running)
+    except BaseException:
+        for item in running:
+            item.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
+        raise
     rows = [row for item_rows, _ in results for row in item_rows]
     return BatchOutcome(
         batch,
         rows,
         [o for _, o in results],
-        requests,
+        client.requests_sent,
         slots.closed,
         row_counts=[len(item_rows) for item_rows, _ in results],
     )

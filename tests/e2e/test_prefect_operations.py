@@ -436,7 +436,7 @@ def test_a_person_runs_watches_and_retries_a_killed_run_in_the_browser(
     status, recorded = ledger.run(BROWSER_DATE)
     assert (status, recorded["resumed"]) == ("completed", True)
     # Honest figures: the requests the retry reports are the requests the API received;
-    # batches the killed attempt had fetched came back from the task cache instead.
+    # batches the killed attempt had fetched came back from the fetch cache instead.
     assert recorded["requests"] == market.stats()["requests"], (recorded, market.stats())
     for stage, endpoint in (("prices", PRICES), ("valuations", DCF)):
         sent = requests_per_ticker(market, symbols, endpoint)

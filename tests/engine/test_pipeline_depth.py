@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from syncpoint.engine.batch_map import fetches_in_flight, unmarked_batches_at_most
+from syncpoint.engine.batch_map import (
+    WINDOW_ITEMS,
+    batches_per_window,
+    fetches_in_flight,
+    unmarked_batches_at_most,
+)
 
 
 @pytest.mark.parametrize(
@@ -38,3 +43,22 @@ def test_a_crash_loses_the_fetches_in_flight_and_the_batch_storing(
 def test_nonsense_is_refused(concurrency: int, batch_size: int) -> None:
     with pytest.raises(ValueError, match="at least 1"):
         fetches_in_flight(concurrency, batch_size)
+
+
+@pytest.mark.parametrize(
+    ("batch_size", "per_window"),
+    [
+        pytest.param(5, 50, id="fill-cache-default: fifty batches a task run"),
+        pytest.param(50, 5, id="daily-default: five"),
+        pytest.param(100, 3, id="rounded-up-to-the-window"),
+        pytest.param(250, 1, id="one-batch-a-task-run-from-the-window-up"),
+        pytest.param(1000, 1, id="larger-than-the-window"),
+    ],
+)
+def test_a_fetch_task_run_takes_a_window_of_at_least_250_items(
+    batch_size: int, per_window: int
+) -> None:
+    assert batches_per_window(batch_size) == per_window
+    assert per_window * batch_size >= WINDOW_ITEMS == 250
+    # Never a batch more than the window needs.
+    assert (per_window - 1) * batch_size < WINDOW_ITEMS

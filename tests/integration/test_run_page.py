@@ -205,7 +205,7 @@ def test_batches_the_task_cache_gives_back_are_not_counted_as_requests(
     env: MarketSimulator, sqlite_url: str, tmp_path: Path
 ) -> None:
     """A store step that fails (a table the rows cannot go into) after the fetch: the rerun
-    gets those batches from Prefect's task cache. They are "reused", not API requests."""
+    gets those batches from the fetch cache. They are "reused", not API requests."""
     tickers = list(env.data.sp500_symbols[:80])
     file = str(tickers_file(tmp_path, tickers))
     # syncpoint's schema, as a first run makes it, without a column the rows need: every
@@ -218,7 +218,9 @@ def test_batches_the_task_cache_gives_back_are_not_counted_as_requests(
     first = failed.value.summary
     assert first["requests"] == env.stats()["requests"]  # every request that went out
     fetched_prices = env.stats()["by_endpoint"]["historical-price-eod/full"]
-    assert 0 < fetched_prices < 80  # the store failed before all were fetched
+    # The fetches run ahead of the failing store (up to two task runs' windows of batches,
+    # each recorded), so some or all of the 80 went out.
+    assert 0 < fetched_prices <= 80
 
     with engine.begin() as conn:
         conn.execute(sa.text("ALTER TABLE stock_prices ADD COLUMN volume BIGINT"))

@@ -142,7 +142,7 @@ def test_a_taken_over_batch_is_stored_from_its_first_holders_fetch(
     from syncpoint.core.request_slots import RequestSlots
     from syncpoint.engine.batch_map import LeaseTerms, map_shard
     from syncpoint.sources.market import PricesSource
-    from syncpoint.tasks.batches import Batch, fetch_batch
+    from syncpoint.tasks.batches import Batch, BatchGate, Halt, Window, fetch_window
 
     tickers = sorted(market.data.symbols[:6])
     run_id = planned_run(database_url, tickers)
@@ -159,8 +159,15 @@ def test_a_taken_over_batch_is_stored_from_its_first_holders_fetch(
         first = ledger.lease(run_id, STAGE, "worker-a", 6, 60)
         assert first is not None
         batch = Batch(run_id, STAGE, first.batch_no, first.items, first)
-        with ClientThread(source.client()) as clients:
-            fetch_batch(source, batch, RequestSlots(2), clients)  # fetched, never stored
+        with ClientThread(source.client()) as clients:  # fetched and recorded, never stored
+            fetch_window(
+                source,
+                Window.of([batch]),
+                RequestSlots(2),
+                clients,
+                BatchGate(1, clients),
+                Halt(StopFlag()),
+            )
         with database.engine().begin() as conn:  # A's lease runs out
             conn.execute(sa.text("UPDATE sync_items SET lease_until = :t"), {"t": "2000-01-01"})
         ran = map_shard(

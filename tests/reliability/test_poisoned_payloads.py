@@ -34,13 +34,14 @@ from syncpoint.blocks.market_api import MarketApi
 from syncpoint.core.db import Database, dispose_engines
 from syncpoint.core.errors import StorageError
 from syncpoint.core.http import ApiClient, ClientThread
+from syncpoint.core.interrupts import StopFlag
 from syncpoint.core.ledger import ErrorKind, ItemOutcome, Ledger, PendingItem
 from syncpoint.core.request_slots import RequestSlots
 from syncpoint.core.store import ItemRows, write_items_then_checkpoint
 from syncpoint.core.tables import sync_items
 from syncpoint.simulator import MarketSimulator
 from syncpoint.sources.market import PricesSource
-from syncpoint.tasks.batches import Batch, fetch_batch
+from syncpoint.tasks.batches import Batch, BatchGate, Halt, Window, fetch_window
 from tests.conftest import cli_env, run_cli, table_rows, tickers_file
 from tests.reliability.hostile_server import (
     DCF,
@@ -259,8 +260,15 @@ def test_an_unforeseen_exception_fails_its_item_not_the_batch(sync_env: MarketSi
     )
     batch = Batch("run-1", "prices", 1, tuple(PendingItem(t, 0) for t in tickers))
 
+    window = Window.of([batch])
     with ClientThread(source.client()) as clients:
-        outcome = fetch_batch(source, batch, RequestSlots(4), clients)  # a real task run
+        # A real task run.
+        fetch_window(
+            source, window, RequestSlots(4), clients, BatchGate(1, clients), Halt(StopFlag())
+        )
+    fetched = window.handoffs[0].take()
+    assert fetched is not None
+    outcome = fetched.outcome
 
     assert outcome.outcomes == [
         ItemOutcome.done(tickers[0]),

@@ -285,7 +285,7 @@ def test_key_is_not_on_the_prefect_server(keyed_runs: KeyedRuns, secret: str) ->
     # results, local settings), byte for byte. Both hold what the runs produced:
     server_db, home = prefect_server_db(), Path(os.environ["PREFECT_HOME"])
     assert files_containing(server_db, "rejected the key")
-    assert files_containing(home, "answered 404")  # a persisted fetch-batch result
+    assert files_containing(home, "answered 404")  # a fetched batch's record
     assert_nowhere(secret, evidence, server_db, home)
 
 
