@@ -173,7 +173,8 @@ def _notes(
     result.notes.append(
         f"Batch boundaries: batch 50 has 5x the boundaries of batch 250 and took "
         f"{median(boundary):.2f}x its span (target <= {BOUNDARY_RATIO}x). Clients, pools and "
-        "SSL contexts live for the stage (one set per event loop), so a boundary costs a "
-        "Prefect task run and a store, and the pipeline keeps enough batches in flight that "
-        "the request slots stay full across it."
+        "SSL contexts live for the stage, and a Prefect task run fetches a window of at "
+        "least 250 items (five batches of 50, one of 250), so a boundary costs a store "
+        "transaction with its marks and a fetch-cache record; the batch gate keeps enough "
+        "batches fetching that the request slots stay full across it."
     )

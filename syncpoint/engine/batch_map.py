@@ -362,11 +362,15 @@ def map_batches(
     # across windows: what a crash can make a rerun fetch again (unmarked_batches_at_most)
     # and what of the fetched rows is in memory.
     halt = Halt(stop)
-    per_window = batches_per_window(batch_size)
+    depth = fetches_in_flight(source.concurrency, batch_size)
+    # A worker of a sharded run leases a window's batches when it plans the window: a
+    # window of 250 items would hoard the end of a stage while the other workers idle,
+    # so it takes only as many batches as it can fetch at once.
+    per_window = batches_per_window(batch_size) if leases is None else depth
     windows_ahead = fetches_in_flight(source.concurrency, per_window * batch_size)
     # Opened once for the stage, closed when it ends (after every fetch has finished).
     clients = ClientThread(source.client())
-    gate = BatchGate(fetches_in_flight(source.concurrency, batch_size), clients)
+    gate = BatchGate(depth, clients)
     submitted = 0  # batches handed to fetch task runs so far: the next one's position
     logger = _run_logger()
     # Batches handed to a fetch task run and not yet stored, in order, and those task runs.
