@@ -380,13 +380,18 @@ class Ledger:
             return Claim(run, resumed=True)
         now = _now()
         with self.engine.begin() as conn:
-            # Compare-and-set on what we read: of two racing starts, one wins.
+            # Compare-and-set on what we read: of two racing starts, one wins. On the
+            # holder, not the heartbeat: a sharded run's workers bump the heartbeat with
+            # every batch they mark, and a parent started again while they work read it
+            # a moment before one of them did (RunBusy "just now", bench and e2e alike).
             claimed = conn.execute(
                 update(sync_runs)
                 .where(
                     sync_runs.c.run_id == run.run_id,
                     sync_runs.c.status == row["status"],
-                    sync_runs.c.heartbeat_at == row["heartbeat_at"],
+                    sync_runs.c.owner.is_(None)
+                    if row["owner"] is None
+                    else sync_runs.c.owner == row["owner"],
                 )
                 .values(
                     status=RunStatus.RUNNING.value,

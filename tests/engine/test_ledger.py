@@ -16,6 +16,7 @@ from syncpoint.core.errors import CheckpointError
 from syncpoint.core.ledger import (
     Claim,
     ItemFailure,
+    ItemOutcome,
     ItemStatus,
     Ledger,
     PendingItem,
@@ -108,6 +109,31 @@ def test_a_run_left_running_by_a_released_owner_is_taken_over_at_once(
     assert claim.run.run_id == run.run_id
     assert claim.run.status is RunStatus.RUNNING
     assert run_column(ledger, run.run_id, "owner") == second
+
+
+def test_a_mark_between_reading_a_dead_holders_run_and_claiming_it_does_not_refuse(
+    ledger: Ledger, make_owner: Owners, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A parent started again while its shard workers still mark batches: a worker's mark
+    bumps the run's heartbeat between the new parent's read and its claim. The claim
+    compares the holder, not the heartbeat, so it takes the run over."""
+    first = make_owner()
+    run = open_run(ledger, first)
+    ledger.add_items(run.run_id, "prices", ["AAA"])
+    ledger.release(first)
+    read = ledger._latest_row(JOB, KEY)  # the new parent's read...
+    with ledger.engine.begin() as conn:  # ...then a worker's mark, before the claim
+        ledger.mark(conn, run.run_id, "prices", [ItemOutcome.done("AAA")])
+    monkeypatch.setattr(ledger, "_latest_row", lambda job, run_key: read)
+
+    second = make_owner()
+    claim = reopen(ledger, second)
+    assert (claim.resumed, claim.took_over) == (True, first)
+    assert run_column(ledger, run.run_id, "owner") == second
+
+    # Two starts that read the same holder: the second finds it changed, and is refused.
+    with pytest.raises(RunBusy, match="just now"):
+        reopen(ledger, make_owner())
 
 
 def test_another_hosts_run_is_busy_until_its_heartbeat_is_stale(
