@@ -99,16 +99,27 @@ def test_three_workers_one_killed_finish_the_run_like_one_worker(
     assert len({t for t, _, _ in reference}) == ITEMS
     slow_market.reset_stats()
 
-    # Three workers; one is killed (SIGKILL, no cleanup) once ~40% of the items are done.
+    # Three workers; one is killed (SIGKILL, no cleanup) once ~40% of the items are done
+    # and every worker has leased work (on a loaded machine one may start seconds late,
+    # and would find nothing left to do after the kill).
     shared = _fresh_pg_database(pg_root_url)
     run_id = planned_run(shared, tickers)
     workers = [start_worker(shared, slow_market.base_url, run_id, prefect_api) for _ in range(3)]
     ledger = Ledger(Database.from_url(shared).engine())
+    engine = sa.create_engine(shared)
+    leased_by: set[str] = set()
     deadline = time.monotonic() + 120
-    while ledger.counts(run_id, STAGE)[STAGE].done < 0.4 * ITEMS:
-        assert time.monotonic() < deadline, "the workers made no progress"
+    while len(leased_by) < 3 or ledger.counts(run_id, STAGE)[STAGE].done < 0.4 * ITEMS:
+        assert time.monotonic() < deadline, f"the workers made no progress: {leased_by}"
         assert all(w.poll() is None for w in workers), "a worker ended early"
+        with engine.connect() as conn:
+            leased_by |= set(
+                conn.execute(
+                    sa.text("SELECT DISTINCT lease_owner FROM sync_items WHERE lease_owner <> ''")
+                ).scalars()
+            )
         time.sleep(0.05)
+    engine.dispose()
     victim = workers[0]
     os.kill(victim.pid, signal.SIGKILL)
     victim.wait(30)
