@@ -20,10 +20,10 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -43,6 +43,8 @@ from syncpoint.core.store import ItemRows, write_items_then_checkpoint
 from syncpoint.sources.source import Source
 
 FETCH_CACHE_TTL = timedelta(days=3)
+
+T = TypeVar("T")
 
 Logger = logging.Logger | logging.LoggerAdapter[logging.Logger]
 
@@ -315,21 +317,27 @@ def fetch_window(
             raise
 
     async def every_batch(client: ApiClient) -> None:
-        running = [
-            asyncio.ensure_future(one_batch(client, window.first + n, batch, handoff))
+        await gather_or_cancel(
+            one_batch(client, window.first + n, batch, handoff)
             for n, (batch, handoff) in enumerate(zip(window.batches, window.handoffs, strict=True))
-        ]
-        try:
-            await asyncio.gather(*running)
-        except BaseException:
-            # gather() leaves the others running when one raises: on the stage's client
-            # loop they would outlive this task, waiting for a gate nobody serves.
-            for job in running:
-                job.cancel()
-            await asyncio.gather(*running, return_exceptions=True)
-            raise
+        )
 
     clients.run(every_batch)
+
+
+async def gather_or_cancel(work: Iterable[Coroutine[Any, Any, T]]) -> list[T]:
+    """Run `work` concurrently; if one raises, cancel the rest before raising.
+
+    gather() leaves the others running when one raises: on the stage's client loop they
+    would outlive their task run, waiting for slots or a gate nobody serves."""
+    running = [asyncio.ensure_future(w) for w in work]
+    try:
+        return list(await asyncio.gather(*running))
+    except BaseException:
+        for job in running:
+            job.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
+        raise
 
 
 async def fetch_items(
@@ -365,14 +373,7 @@ async def fetch_items(
                 logger.warning("%s: %s", item, reason)
                 return [], ItemOutcome.failed(item, ErrorKind.PERMANENT, reason)
 
-    running = [asyncio.ensure_future(one(p)) for p in batch.items]
-    try:
-        results = await asyncio.gather(*running)
-    except BaseException:
-        for item in running:
-            item.cancel()
-        await asyncio.gather(*running, return_exceptions=True)
-        raise
+    results = await gather_or_cancel(one(p) for p in batch.items)
     rows = [row for item_rows, _ in results for row in item_rows]
     return BatchOutcome(
         batch,
