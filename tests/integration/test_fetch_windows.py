@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 from uuid import UUID
 
-import pytest
 import sqlalchemy as sa
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
@@ -19,15 +18,6 @@ from syncpoint.simulator import MarketSimulator
 from tests.conftest import tickers_file
 
 DAY = "2026-11-20"
-
-
-@pytest.fixture
-def env(
-    sync_env: MarketSimulator, sqlite_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> MarketSimulator:
-    monkeypatch.setenv("SYNCPOINT_DATABASE_URL", sqlite_url)
-    monkeypatch.setenv("SYNCPOINT_TICKERS_DIR", str(tmp_path))
-    return sync_env
 
 
 def fetch_task_runs(flow_run_id: UUID, expected: int) -> list[str]:

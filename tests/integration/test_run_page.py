@@ -48,16 +48,6 @@ PROGRESS, SUMMARY, FAILED = (
 
 
 @pytest.fixture
-def env(
-    sync_env: MarketSimulator, sqlite_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> MarketSimulator:
-    """The flow's environment, as a worker's: the database, and tickers files allowed."""
-    monkeypatch.setenv("SYNCPOINT_DATABASE_URL", sqlite_url)
-    monkeypatch.setenv("SYNCPOINT_TICKERS_DIR", str(tmp_path))
-    return sync_env
-
-
-@pytest.fixture
 def info_logs() -> Iterator[None]:
     """The run loggers at INFO (the test session runs Prefect at WARNING)."""
     loggers = [logging_logger(n) for n in ("prefect.flow_runs", "prefect.task_runs")]
