@@ -148,8 +148,7 @@ def run(bench: Bench) -> CaseResult:
         "The script decodes each answer and keeps it in memory; syncpoint also validates "
         "every bar, stores and marks each batch as it goes (a SQLite write per batch) and "
         "records each fetched batch for the fetch cache, with the API process on the same "
-        "two cores. Prefect task runs are no longer per batch: one fetches a window of 250 "
-        "tickers (50 batches), which took this case from 1.78x to about 1.4x; what is left "
-        "is per bar more than per batch."
+        "two cores. Prefect task runs are not per batch: one fetches a window of 250 "
+        "tickers (50 batches). What is left is per bar more than per batch."
     )
     return result
