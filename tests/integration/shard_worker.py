@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 
 def main() -> int:
@@ -25,6 +26,11 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=10)
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--lease-seconds", type=float, default=4.0)
+    parser.add_argument(
+        "--go",
+        help="a file to wait for after start-up (prints 'ready' first), so that "
+        "workers started together begin leasing together however slowly each one imports",
+    )
     args = parser.parse_args()
     # The worker's environment, as a deployment's worker has it.
     os.environ.update(
@@ -32,6 +38,10 @@ def main() -> int:
     )
     from syncpoint.flows.shard import shard
 
+    if args.go:
+        print("ready", flush=True)
+        while not os.path.exists(args.go):
+            time.sleep(0.02)
     report = shard(
         job="fill-cache",
         run_key="shards",

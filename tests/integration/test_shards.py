@@ -40,7 +40,7 @@ LEASE_SECONDS = 10
 @pytest.fixture
 def slow_market() -> Iterator[MarketSimulator]:
     """Slow enough that a run lasts a few seconds and a kill lands in the middle."""
-    with MarketSimulator(SimulatorConfig(latency_ms=100)) as sim:
+    with MarketSimulator(SimulatorConfig(latency_ms=200)) as sim:
         yield sim
 
 
@@ -53,8 +53,11 @@ def planned_run(url: str, tickers: list[str]) -> str:
     return run.run.run_id
 
 
-def start_worker(url: str, api: str, run_id: str, prefect_api: str) -> subprocess.Popen[str]:
+def start_worker(
+    url: str, api: str, run_id: str, prefect_api: str, go: Path | None = None
+) -> subprocess.Popen[str]:
     args = [sys.executable, "-m", "tests.integration.shard_worker", "--database", url]
+    args += ["--go", str(go)] if go else []
     args += ["--api", api, "--run", run_id, "--start", START, "--end", END]
     args += ["--batch-size", str(BATCH), "--concurrency", str(CONCURRENCY)]
     # Long enough that a loaded machine never lets a live worker's lease run out (that
@@ -64,6 +67,12 @@ def start_worker(url: str, api: str, run_id: str, prefect_api: str) -> subproces
     return subprocess.Popen(
         args, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
+
+
+def wait_ready(worker: subprocess.Popen[str]) -> None:
+    assert worker.stdout is not None
+    line = worker.stdout.readline().strip()
+    assert line == "ready", (line, worker.stderr.read()[-3000:] if worker.stderr else "")
 
 
 def finish(worker: subprocess.Popen[str]) -> dict[str, int | str]:
@@ -88,7 +97,7 @@ def item_attempts(url: str, run_id: str) -> Counter[tuple[str, int]]:
 
 @pytest.mark.postgres
 def test_three_workers_one_killed_finish_the_run_like_one_worker(
-    pg_root_url: str, prefect_api: str, slow_market: MarketSimulator
+    pg_root_url: str, prefect_api: str, slow_market: MarketSimulator, tmp_path: Path
 ) -> None:
     tickers = sorted(slow_market.data.symbols[:ITEMS])
 
@@ -100,18 +109,26 @@ def test_three_workers_one_killed_finish_the_run_like_one_worker(
     slow_market.reset_stats()
 
     # Three workers; one is killed (SIGKILL, no cleanup) once ~40% of the items are done
-    # and every worker has leased work (on a loaded machine one may start seconds late,
-    # and would find nothing left to do after the kill).
+    # and every worker has leased work. They start leasing together, once all three have
+    # imported: on a loaded machine one may take seconds longer to start than the others
+    # take to finish the stage.
     shared = _fresh_pg_database(pg_root_url)
     run_id = planned_run(shared, tickers)
-    workers = [start_worker(shared, slow_market.base_url, run_id, prefect_api) for _ in range(3)]
+    go = tmp_path / "go"
+    workers = [
+        start_worker(shared, slow_market.base_url, run_id, prefect_api, go) for _ in range(3)
+    ]
+    for worker in workers:
+        wait_ready(worker)
+    go.touch()
     ledger = Ledger(Database.from_url(shared).engine())
     engine = sa.create_engine(shared)
     leased_by: set[str] = set()
     deadline = time.monotonic() + 120
     while len(leased_by) < 3 or ledger.counts(run_id, STAGE)[STAGE].done < 0.4 * ITEMS:
         assert time.monotonic() < deadline, f"the workers made no progress: {leased_by}"
-        assert all(w.poll() is None for w in workers), "a worker ended early"
+        ended = [w for w in workers if w.poll() is not None]
+        assert not ended, ("a worker ended early", leased_by, ended[0].communicate()[1][-3000:])
         with engine.connect() as conn:
             leased_by |= set(
                 conn.execute(
@@ -134,7 +151,7 @@ def test_three_workers_one_killed_finish_the_run_like_one_worker(
     prices_requests = requests["historical-price-eod/full"]
     in_flight = unmarked_batches_at_most(CONCURRENCY, BATCH) * BATCH
     assert ITEMS <= prices_requests <= ITEMS + in_flight
-    assert all(s["batches"] > 0 for s in survivors), survivors
+    assert all(int(s["batches"]) > 0 for s in survivors), survivors
     dispose_engines()
 
 
