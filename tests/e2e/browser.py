@@ -89,6 +89,10 @@ class Browser:
         self._shot_no = itertools.count(1)
         self._proc: subprocess.Popen[bytes] | None = None
         self._ws: ClientConnection | None = None
+        # The page's requests that failed or were answered 4xx/5xx, oldest first: what a
+        # timeout message shows, since the UI's own toast only says "Something went wrong".
+        self.failed_requests: list[str] = []
+        self._urls: dict[str, str] = {}
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -129,6 +133,7 @@ class Browser:
         self._ws = connect(page["webSocketDebuggerUrl"], max_size=None, open_timeout=30)
         self.call("Page.enable")
         self.call("Runtime.enable")
+        self.call("Network.enable")
         self.call(
             "Emulation.setDeviceMetricsOverride",
             {"width": WINDOW[0], "height": WINDOW[1], "deviceScaleFactor": 1, "mobile": False},
@@ -155,11 +160,28 @@ class Browser:
             if left <= 0:
                 raise AssertionError(f"chromium did not answer {method} in {timeout:.0f}s")
             message = json.loads(self._ws.recv(timeout=left))
+            if "method" in message:
+                self._event(message["method"], message.get("params", {}))
+                continue
             if message.get("id") != call_id:
-                continue  # an event, or the answer to an earlier call that timed out
+                continue  # the answer to an earlier call that timed out
             if "error" in message:
                 raise AssertionError(f"{method}: {message['error']}")
             return message.get("result", {})
+
+    def _event(self, method: str, params: dict[str, Any]) -> None:
+        if method == "Network.requestWillBeSent":
+            request = params.get("request", {})
+            what = f"{request.get('method')} {request.get('url')}"
+            self._urls[params.get("requestId", "")] = what
+        elif method == "Network.responseReceived":
+            response = params.get("response", {})
+            if int(response.get("status") or 0) >= 400:
+                what = self._urls.get(params.get("requestId", ""), response.get("url"))
+                self.failed_requests.append(f"{what}: {response.get('status')}")
+        elif method == "Network.loadingFailed" and not params.get("canceled"):
+            what = self._urls.get(params.get("requestId", ""), "a request")
+            self.failed_requests.append(f"{what}: {params.get('errorText')}")
 
     def evaluate(self, expression: str) -> Any:
         result = self.call(
@@ -192,8 +214,10 @@ class Browser:
                 return value
             if time.monotonic() > deadline:
                 shot = self.screenshot(f"timeout-{_slug(what)}")
+                failed = "\n".join(self.failed_requests[-20:]) or "none"
                 raise AssertionError(
                     f"timed out after {timeout:.0f}s waiting for {what} (screenshot {shot})\n"
+                    f"--- requests that failed ---\n{failed}\n"
                     f"--- page text ---\n{self.text()[-3000:]}"
                 )
             time.sleep(interval)
