@@ -107,18 +107,16 @@ def parse_prices(
     if not records:
         # A known symbol with no bars at all in the window: say so rather than call it done.
         raise ItemError(f"{ticker}: the API has no prices in the requested window")
+    first, last = start or date.min, end or date.max
     rows: dict[date, dict[str, Any]] = {}
-    days: dict[str, date] = {}  # a backfill's bars repeat few distinct date strings
     for raw in records:
         text = raw.get("date")
-        day = days.get(text) if isinstance(text, str) else None
+        day = _DAYS.get(text) if isinstance(text, str) else None
         if day is None:
             day = _day(_field(raw, "date", ticker), ticker)
-            if (start is not None and day < start) or (end is not None and day > end):
-                raise ItemError(
-                    f"{ticker}: a bar dated {day} is outside the requested {start}..{end}"
-                )
-            days[str(text)] = day  # a str: _day refuses anything else
+            _remember_day(str(text), day)  # a str: _day refuses anything else
+        if not first <= day <= last:
+            raise ItemError(f"{ticker}: a bar dated {day} is outside the requested {start}..{end}")
         get = raw.get
         o, h, lo, c, v = get("open"), get("high"), get("low"), get("close"), get("volume")
         # The common bar in one test (a backfill has millions): four floats in range, low
@@ -145,9 +143,24 @@ def parse_prices(
             "close": c,
             "volume": v,
         }
-        if rows.setdefault(day, row) != row:
+        kept = rows.setdefault(day, row)
+        if kept is not row and kept != row:
             raise ItemError(f"{ticker}: two different bars for {day}")
     return list(rows.values())
+
+
+# The days bars are dated with, by their text, shared by every answer: a backfill's
+# answers repeat the same few thousand days, so each is parsed once, and the rows of a
+# batch hold one date object per day, which the fetch cache's pickler writes once (a
+# third of the time of a date object per row). Bounded: emptied when full.
+_DAYS: dict[str, date] = {}
+_DAYS_AT_MOST = 100_000
+
+
+def _remember_day(text: str, day: date) -> None:
+    if len(_DAYS) >= _DAYS_AT_MOST:
+        _DAYS.clear()
+    _DAYS[text] = day
 
 
 def _checked_bar(
