@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -294,14 +295,7 @@ def submit_run_form(page: Browser) -> None:
     for attempt in (1, 2):
         seen = len(page.failed_requests)
         page.click(r"^Submit$")
-        outcome = page.wait(
-            "the form to be submitted",
-            lambda: (
-                "submitted"
-                if "/run" not in page.evaluate("location.pathname")
-                else (_posts_failed(page, seen) and "failed")
-            ),  # noqa: B023 - called in the loop
-        )
+        outcome = page.wait("the form to be submitted", _form_outcome(page, seen))
         if outcome == "submitted":
             return
         time.sleep(1)  # the rest of the form's requests, if several failed
@@ -310,6 +304,17 @@ def submit_run_form(page: Browser) -> None:
         assert not [f for f in failed if re.search(r": 4\d\d$", f)], failed
         assert attempt == 1, failed
         print(f"the server failed the form's requests ({failed}); pressing Submit again")
+
+
+def _form_outcome(page: Browser, seen: int) -> Callable[[], str | None]:
+    """Whether the form was submitted ("submitted") or one of its POSTs failed ("failed")."""
+
+    def outcome() -> str | None:
+        if "/run" not in page.evaluate("location.pathname"):
+            return "submitted"
+        return "failed" if _posts_failed(page, seen) else None
+
+    return outcome
 
 
 def _posts_failed(page: Browser, since: int) -> list[str]:
