@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date, timedelta
-from operator import itemgetter
+from operator import itemgetter, ne
 from typing import Any
 
 from sqlalchemy import JSON, Column, Connection, Date, Dialect, Float, Table, func, select
@@ -49,18 +49,23 @@ def distinct_rows(table: Table, rows: Sequence[dict[str, Any]]) -> list[tuple[An
     """Rows as tuples in the table's column order, one per key (the last one wins).
 
     A column a row lacks, and a float NaN, are None: what every DBAPI binds as NULL.
-    Plain Python on purpose: a backfill batch is thousands of rows a few microseconds
-    apart, and a DataFrame round trip cost more than the statement that stores them.
+    Plain Python on purpose, and each step one call into C per row: a backfill batch is
+    thousands of rows a few microseconds apart, and a DataFrame round trip cost more than
+    the statement that stores them.
     """
     columns = [c.name for c in table.columns]
+    whole = itemgetter(*columns)
     key = itemgetter(*(columns.index(c.name) for c in table.primary_key.columns))
     floats = [i for i, c in enumerate(table.columns) if isinstance(c.type, Float)]
     keyed: dict[Any, tuple[Any, ...]] = {}
     for row in rows:
-        values = tuple(map(row.get, columns))
+        try:
+            values = whole(row)
+        except KeyError:  # a column this row lacks: None
+            values = tuple(map(row.get, columns))
         keyed[key(values)] = values
     distinct = list(keyed.values())
-    if floats and any(v != v for i in floats for v in _column(distinct, i)):
+    if floats and any(_has_nan(_column(distinct, i)) for i in floats):
         # NaN, the one value unequal to itself: rare enough to mend row by row.
         distinct = [
             tuple(None if i in floats and v != v else v for i, v in enumerate(values))
@@ -71,6 +76,12 @@ def distinct_rows(table: Table, rows: Sequence[dict[str, Any]]) -> list[tuple[An
 
 def _column(rows: list[tuple[Any, ...]], i: int) -> Iterator[Any]:
     return map(itemgetter(i), rows)
+
+
+def _has_nan(values: Iterator[Any]) -> bool:
+    """Whether any value is unequal to itself (a NaN), compared in C: ne(v, v) per value."""
+    column = list(values)
+    return any(map(ne, column, column))
 
 
 # Tens of thousands of row tuples a call: see syncpoint.core.gc_pace.
@@ -126,7 +137,7 @@ def _processed(column: Sequence[Any], process: Callable[[Any], Any], of: Column[
     date in Python)."""
     if isinstance(of.type, Date):
         memo = {v: process(v) for v in set(column)}
-        return [memo[v] for v in column]
+        return list(map(memo.__getitem__, column))
     return list(map(process, column))
 
 
