@@ -124,21 +124,43 @@ def _sqlite_upsert(
     sql, plan = _sqlite_statement(table, columns, conn.dialect)
     if any(plan):
         by_column: list[Sequence[Any]] = list(zip(*values, strict=True))
+        changed = False
         for i, process in enumerate(plan):
             if process is not None:
-                by_column[i] = _processed(by_column[i], process, table.columns[columns[i]])
-        values = list(zip(*by_column, strict=True))
+                processed = _processed(by_column[i], process, table.columns[columns[i]])
+                if processed is not None:
+                    by_column[i], changed = processed, True
+        if changed:
+            values = list(zip(*by_column, strict=True))
     conn.exec_driver_sql(sql, values)
 
 
-def _processed(column: Sequence[Any], process: Callable[[Any], Any], of: Column[Any]) -> list[Any]:
-    """A column through its bind processor; a date column once per distinct day (a
-    backfill batch holds its few hundred days once per ticker, and SQLAlchemy formats a
-    date in Python)."""
+_NONE = type(None)
+
+
+def _processed(
+    column: Sequence[Any], process: Callable[[Any], Any], of: Column[Any]
+) -> list[Any] | None:
+    """A column through its bind processor, or None where that changes nothing: a Float
+    column that holds only floats (its processor is float()). A date column goes through
+    it once per day (SQLAlchemy formats a date in Python), remembered across batches: a
+    backfill's batches hold the same few thousand days."""
+    if isinstance(of.type, Float) and set(map(type, column)) <= {float, _NONE}:
+        return None
     if isinstance(of.type, Date):
-        memo = {v: process(v) for v in set(column)}
-        return list(map(memo.__getitem__, column))
+        texts = _DATE_TEXTS.setdefault(process, {})
+        if len(texts) > _DATE_TEXTS_AT_MOST:
+            texts.clear()
+        for day in set(column).difference(texts):
+            texts[day] = process(day)
+        return list(map(texts.__getitem__, column))
     return list(map(process, column))
+
+
+# Dates as each bind processor writes them, by processor (a DATE with its own storage
+# format has its own), each bounded.
+_DATE_TEXTS: dict[Callable[[Any], Any], dict[Any, Any]] = {}
+_DATE_TEXTS_AT_MOST = 100_000
 
 
 _SqliteStatement = tuple[str, tuple[Callable[[Any], Any] | None, ...]]

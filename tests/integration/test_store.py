@@ -86,3 +86,25 @@ def test_a_missing_value_or_nan_is_null(database_url: str, rows_per_batch: int, 
     with pytest.raises(IntegrityError, match=r"(?i)null"), engine.begin() as conn:
         upsert(conn, "stock_prices", rows)
     assert table_rows(database_url, "stock_prices") == []
+
+
+def test_values_the_bind_processors_convert_are_stored_as_their_type_says(
+    database_url: str,
+) -> None:
+    """A whole number or a Decimal in a Float column is stored as a float (a column of
+    floats alone skips the conversion), and a day an earlier batch already wrote is
+    written the same way again (the date texts are remembered across batches)."""
+    from decimal import Decimal
+
+    engine = Database.from_url(database_url).engine()
+    first, second = bars(["ONE"], 3), bars(["TWO"], 3)
+    second[0]["open"], second[1]["close"] = 12, Decimal("10.25")
+    for batch in (first, second):
+        with engine.begin() as conn:
+            upsert(conn, "stock_prices", batch)
+    rows = table_rows(database_url, "stock_prices", "ticker, date, open, close")
+    by_key = {(t, str(d)): (o, c) for t, d, o, c in rows}
+    assert by_key[("TWO", "2025-01-01")] == (12.0, 10.5)
+    assert by_key[("TWO", "2025-01-02")] == (11.0, 10.25)
+    assert {str(d) for _t, d, _o, _c in rows} == {"2025-01-01", "2025-01-02", "2025-01-03"}
+    assert all(type(o) is float and type(c) is float for _t, _d, o, c in rows)
