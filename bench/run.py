@@ -1,6 +1,6 @@
 """Run the cases, print the table, write BENCHMARKS.md.
 
-    scripts/bench                 # all six cases, about 10 minutes on 2 cores
+    scripts/bench                 # all ten cases, about 30 minutes on 2 cores
     scripts/bench --quick         # smaller sizes, one repetition: a smoke run (< 2 minutes)
     scripts/bench --case 5        # one case (repeat --case for several)
     scripts/bench --case 7 --record   # one case, and its section of BENCHMARKS.md
