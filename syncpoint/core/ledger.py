@@ -254,18 +254,24 @@ def _bump(conn: Connection, run_id: str, stage: str, deltas: Counter[str]) -> No
     for name, delta in deltas.items():
         if not delta:
             continue
-        key = (
-            sync_item_counts.c.run_id == run_id,
-            sync_item_counts.c.stage == stage,
-            sync_item_counts.c.bucket == name,
-        )
-        moved = conn.execute(
-            update(sync_item_counts).where(*key).values(n=sync_item_counts.c.n + delta)
-        ).rowcount
+        where = {"c_run": run_id, "c_stage": stage, "c_bucket": name}
+        moved = conn.execute(_BUMP, {**where, "c_delta": delta}).rowcount
         if not moved:
             conn.execute(
                 insert(sync_item_counts).values(run_id=run_id, stage=stage, bucket=name, n=delta)
             )
+
+
+# Built once, as Ledger.mark's statements are (see _MARK).
+_BUMP = (
+    update(sync_item_counts)
+    .where(
+        sync_item_counts.c.run_id == bindparam("c_run"),
+        sync_item_counts.c.stage == bindparam("c_stage"),
+        sync_item_counts.c.bucket == bindparam("c_bucket"),
+    )
+    .values(n=sync_item_counts.c.n + bindparam("c_delta"))
+)
 
 
 @dataclass(frozen=True)
@@ -335,6 +341,46 @@ def _db_now(conn: Connection) -> datetime:
 # The counts row (sync_item_counts) that holds a stage's last leased batch number: a
 # lease takes the next one without scanning the stage for its highest.
 _LEASED_BATCHES = "leased_batches"
+
+
+# Ledger.mark's statements, built once: a batch is marked many times a second, and
+# building them anew (an IN list of one bound parameter per item) cost more than running
+# them.
+_MARKED_BEFORE = select(
+    sync_items.c.item,
+    sync_items.c.status,
+    sync_items.c.error_kind,
+    sync_items.c.lease_owner,
+    sync_items.c.lease_until,
+).where(
+    sync_items.c.run_id == bindparam("m_run"),
+    sync_items.c.stage == bindparam("m_stage"),
+    sync_items.c.item.in_(bindparam("m_items", expanding=True)),
+)
+_MARKED_BEFORE_LOCKED = _MARKED_BEFORE.with_for_update()
+_MARKED_AT = (
+    update(sync_runs)
+    .where(sync_runs.c.run_id == bindparam("r_run"))
+    .values(heartbeat_at=bindparam("r_now"), updated_at=bindparam("r_now"))
+)
+_MARK = (
+    update(sync_items)
+    .where(
+        sync_items.c.run_id == bindparam("b_run"),
+        sync_items.c.stage == bindparam("b_stage"),
+        sync_items.c.item == bindparam("b_item"),
+    )
+    .values(
+        status=bindparam("b_status"),
+        error_kind=bindparam("b_kind"),
+        last_error=bindparam("b_error"),
+        attempts=sync_items.c.attempts + 1,
+        batch_no=bindparam("b_batch"),
+        updated_at=bindparam("b_now"),
+        lease_owner=None,
+        lease_until=None,
+    )
+)
 
 
 class Ledger:
@@ -904,14 +950,10 @@ class Ledger:
         # primary key: the cost follows the batch, not the run).
         was: dict[str, str] = {}
         held: dict[str, tuple[str | None, datetime | None]] = {}
-        c = sync_items.c
+        query = _MARKED_BEFORE if lease is None else _MARKED_BEFORE_LOCKED
         for chunk in _chunks(dict.fromkeys(o.item for o in outcomes), _CHUNK):
-            query = select(c.item, c.status, c.error_kind, c.lease_owner, c.lease_until).where(
-                c.run_id == run_id, c.stage == stage, c.item.in_(chunk)
-            )
-            if lease is not None:
-                query = query.with_for_update()
-            for item, status, kind, owner, until in conn.execute(query):
+            found = conn.execute(query, {"m_run": run_id, "m_stage": stage, "m_items": chunk})
+            for item, status, kind, owner, until in found:
                 was[item] = bucket(status, kind)
                 held[item] = (owner, _aware(until))
         if lease is not None:
@@ -923,26 +965,8 @@ class Ledger:
                 deltas[was[o.item]] -= 1
                 deltas[now_in] += 1
                 was[o.item] = now_in
-        stmt = (
-            update(sync_items)
-            .where(
-                sync_items.c.run_id == bindparam("b_run"),
-                sync_items.c.stage == bindparam("b_stage"),
-                sync_items.c.item == bindparam("b_item"),
-            )
-            .values(
-                status=bindparam("b_status"),
-                error_kind=bindparam("b_kind"),
-                last_error=bindparam("b_error"),
-                attempts=sync_items.c.attempts + 1,
-                batch_no=bindparam("b_batch"),
-                updated_at=bindparam("b_now"),
-                lease_owner=None,
-                lease_until=None,
-            )
-        )
         conn.execute(
-            stmt,
+            _MARK,
             [
                 {
                     "b_run": run_id,
@@ -958,11 +982,7 @@ class Ledger:
             ],
         )
         _bump(conn, run_id, stage, deltas)
-        conn.execute(
-            update(sync_runs)
-            .where(sync_runs.c.run_id == run_id)
-            .values(heartbeat_at=now, updated_at=now)
-        )
+        conn.execute(_MARKED_AT, {"r_run": run_id, "r_now": now})
 
     def counts(self, run_id: str, stage: str | None = None) -> dict[str, StageCounts]:
         """Items per stage by bucket; only `stage`'s when given. A few rows of
