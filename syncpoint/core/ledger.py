@@ -254,8 +254,8 @@ def _bump(conn: Connection, run_id: str, stage: str, deltas: Counter[str]) -> No
     for name, delta in deltas.items():
         if not delta:
             continue
-        where = {"c_run": run_id, "c_stage": stage, "c_bucket": name}
-        moved = conn.execute(_BUMP, {**where, "c_delta": delta}).rowcount
+        bound = {"c_run": run_id, "c_stage": stage, "c_bucket": name, "c_delta": delta}
+        moved = conn.execute(_BUMP, bound).rowcount
         if not moved:
             conn.execute(
                 insert(sync_item_counts).values(run_id=run_id, stage=stage, bucket=name, n=delta)

@@ -30,7 +30,7 @@ from typing import Any, TypeVar, cast
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.results import ResultStore
-from prefect.serializers import PickleSerializer
+from prefect.serializers import Serializer
 from prefect.types._datetime import DateTime
 from prefect.types._datetime import now as prefect_now
 from pydantic import Field
@@ -102,7 +102,7 @@ def batch_cache_key(source: Source, batch: Batch) -> str:
     return f"syncpoint-fetch-{digest}"
 
 
-class RecordSerializer(PickleSerializer[Any]):
+class RecordSerializer(Serializer):
     """The fetch cache's records: the standard library's pickler, in base64 without line
     breaks. Prefect's PickleSerializer wraps its base64 every 76 characters, a Python
     loop that took a third of the time of writing a backfill batch's record.
@@ -113,7 +113,6 @@ class RecordSerializer(PickleSerializer[Any]):
     """
 
     type: str = Field(default="syncpoint-fetch-record", frozen=True)
-    picklelib: str = "pickle"
 
     def dumps(self, obj: Any) -> bytes:
         return base64.b64encode(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
