@@ -262,6 +262,46 @@ def test_mark_records_each_outcome_and_counts_attempts(ledger: Ledger, make_owne
     assert ledger.last_batch_no(run.run_id, "prices") == 3
 
 
+def test_a_batch_is_marked_by_shared_outcome_and_its_counts_follow_the_items(
+    ledger: Ledger, make_owner: Owners
+) -> None:
+    """Items sharing an outcome are marked together; an item the ledger does not hold is
+    neither marked nor counted, and an item named twice takes its last outcome, once."""
+    run = open_run(ledger, make_owner())
+    ledger.add_items(run.run_id, "prices", ["A", "B", "C", "D", "E", "F"])
+    mark(ledger, run.run_id, "prices", [permanent("F"), transient("E")], batch_no=1)
+
+    outcomes = [
+        *done("A", "B", "NOT-HELD"),
+        permanent("C", "404 not found"),
+        permanent("D", "422 bad symbol"),
+        transient("E"),  # retried, fails again
+        transient("A"),  # named twice: this outcome stands
+        *done("F"),  # a permanent failure done after all
+    ]
+    mark(ledger, run.run_id, "prices", outcomes, batch_no=2)
+
+    def row(item: str) -> tuple[Any, ...]:
+        r = item_row(ledger, run.run_id, "prices", item)
+        return (r["status"], r["error_kind"], r["last_error"], r["attempts"])
+
+    assert row("A") == ("failed", "transient", "503 unavailable", 1)
+    assert row("B") == ("done", None, None, 1)
+    assert row("C") == ("failed", "permanent", "404 not found", 1)
+    assert row("D") == ("failed", "permanent", "422 bad symbol", 1)
+    assert row("E") == ("failed", "transient", "503 unavailable", 2)
+    assert row("F") == ("done", None, None, 2)
+    assert "NOT-HELD" not in ledger.items(run.run_id, "prices")
+    counts = ledger.counts(run.run_id)["prices"]
+    assert (counts.total, counts.done, counts.failed, counts.retrying, counts.untouched) == (
+        6,
+        2,
+        2,
+        2,
+        0,
+    )
+
+
 def test_a_long_error_is_cut_to_1000_characters() -> None:
     outcome = transient("A", "x" * 5000)
     assert outcome.error == "x" * 1000
