@@ -286,6 +286,10 @@ class MarketSimulator:
     def stats(self) -> dict[str, Any]:
         return self._api.stats.snapshot()
 
+    def live(self) -> tuple[int, int]:
+        """Requests since the last reset_stats() and requests being answered now."""
+        return self._api.stats.live()
+
     def timeline(self) -> list[Served]:
         """Every request since the last reset_stats(), as it ended; needs
         SimulatorConfig(record_timeline=True)."""

@@ -109,6 +109,12 @@ class RequestStats:
                 "most_in_flight": self._most_in_flight,
             }
 
+    def live(self) -> tuple[int, int]:
+        """Requests since the last reset and those being answered now: what a watcher
+        polling every few milliseconds needs, without building the whole snapshot."""
+        with self._lock:
+            return self._requests, self._in_flight
+
     def requests_for(self, symbol: str, endpoint: str | None = None) -> int:
         with self._lock:
             if endpoint is None:
