@@ -30,6 +30,7 @@ class _Server(ThreadingHTTPServer):
         self.lock = threading.Lock()
         self.release = threading.Event()
         self.release.set()
+        self.held = threading.Event()  # a /slow request has arrived
         super().__init__(("127.0.0.1", 0), _Handler)
 
 
@@ -41,7 +42,9 @@ class _Handler(BaseHTTPRequestHandler):
         with self.server.lock:
             self.server.ports.add(self.client_address[1])
             self.server.requests += 1
-        self.server.release.wait(10)
+        if self.path.startswith("/slow"):
+            self.server.held.set()
+            self.server.release.wait(10)
         threading.Event().wait(self.server.delay)
         body = json.dumps({"ok": True}).encode()
         self.send_response(200)
@@ -94,6 +97,25 @@ def test_batches_from_many_threads_reuse_one_set_of_connections(server: _Server)
     assert len(server.ports) <= concurrency, sorted(server.ports)
     # Each batch counts its own requests, though they share the pools.
     assert counted == [items] * batches
+
+
+def test_a_request_takes_a_free_connection_while_another_is_held(server: _Server) -> None:
+    """A pool per connection, and each request to the pool with the fewest in flight: the
+    answers held up on one connection hold up no request behind them."""
+    server.release.clear()  # /slow waits until released
+
+    async def work(client: ApiClient) -> int:
+        held = asyncio.ensure_future(client.get_json("/slow"))
+        assert await asyncio.to_thread(server.held.wait, 5)
+        for i in range(3):  # one after another: each finds the held pool busy
+            await asyncio.wait_for(client.get_json("/x", {"i": str(i)}), 5)
+        server.release.set()
+        await held
+        return client.requests_sent
+
+    with ClientThread(ApiClient(_url(server), concurrency=2)) as clients:
+        assert clients.run(work) == 4
+    assert len(server.ports) == 2
 
 
 def test_closing_closes_the_pools_and_stops_the_thread(server: _Server) -> None:
