@@ -9,8 +9,10 @@ bench starts `python -m bench.sim_process`, which runs the same MarketSimulator 
     GET  /stats         the simulator's counters (as /_sim/stats)
     POST /reset         reset the counters
     POST /watch/start   start timing requests (a thread samples the counter every 5 ms)
-    POST /watch/stop    stop; answers {count, first, last, stalls, per_second}
-                        (per_second: requests in each second from the first one on)
+    POST /watch/stop    stop; answers {count, first, last, stalls, stalls_at, in_flight,
+                        per_second} (stalls_at: where each stall began, seconds after the
+                        first request; in_flight: mean requests being answered, sampled;
+                        per_second: requests in each second from the first one on)
 
 Times are time.monotonic() of this process: CLOCK_MONOTONIC is one clock for every process
 on the machine, so the bench compares them with its own process start and exit times.

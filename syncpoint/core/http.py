@@ -30,6 +30,7 @@ import logging
 import math
 import random
 import re
+import ssl
 import threading
 import zlib
 from collections import Counter
@@ -342,14 +343,14 @@ class ApiClient:
         count = 1 if self._transport else -(-self.concurrency // CONNECTIONS_PER_POOL)
         per_pool = -(-self.concurrency // count)
         # One SSL context for all the pools: httpx loads the CA bundle for each it makes.
-        tls = None if self._transport else httpx.create_ssl_context()
+        verify: ssl.SSLContext | bool = True if self._transport else httpx.create_ssl_context()
         self._pools = [
             httpx.AsyncClient(
                 base_url=self.base_url,
                 timeout=self._timeout,
                 limits=httpx.Limits(max_connections=per_pool, max_keepalive_connections=per_pool),
                 transport=self._transport,
-                verify=tls if tls is not None else True,
+                verify=verify,
                 headers={
                     "Accept": "application/json",
                     "Accept-Encoding": ACCEPT_ENCODING,

@@ -364,16 +364,10 @@ _MARKED_AT = (
     .values(heartbeat_at=bindparam("r_now"), updated_at=bindparam("r_now"))
 )
 # Where a batch's items were before it is marked, as counts by status: one row per
-# bucket, not one per item (see Ledger.mark).
-_MARKED_BEFORE_COUNTS = (
-    select(sync_items.c.status, sync_items.c.error_kind, func.count())
-    .where(
-        sync_items.c.run_id == bindparam("m_run"),
-        sync_items.c.stage == bindparam("m_stage"),
-        sync_items.c.item.in_(bindparam("m_items", expanding=True)),
-    )
-    .group_by(sync_items.c.status, sync_items.c.error_kind)
-)
+# bucket, not one per item (see Ledger.mark). The same items as _MARKED_BEFORE.
+_MARKED_BEFORE_COUNTS = _MARKED_BEFORE.with_only_columns(
+    sync_items.c.status, sync_items.c.error_kind, func.count()
+).group_by(sync_items.c.status, sync_items.c.error_kind)
 # The items of a batch that share an outcome, marked in one statement.
 _MARK = (
     update(sync_items)
