@@ -15,11 +15,9 @@ their item at store time (write_items_then_checkpoint), and the rest are stored.
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
 import json
 import logging
-import pickle
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterable, Sequence
@@ -30,10 +28,8 @@ from typing import Any, TypeVar, cast
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.results import ResultStore
-from prefect.serializers import Serializer
 from prefect.types._datetime import DateTime
 from prefect.types._datetime import now as prefect_now
-from pydantic import Field
 
 from syncpoint.core.db import Database
 from syncpoint.core.errors import ConfigError, FatalApiError, ItemError, RetriableApiError
@@ -44,6 +40,7 @@ from syncpoint.core.redact import redact
 from syncpoint.core.request_slots import RequestSlots
 from syncpoint.core.store import ItemRows, write_items_then_checkpoint
 from syncpoint.sources.source import Source
+from syncpoint.tasks.fetch_records import fetch_cache
 
 FETCH_CACHE_TTL = timedelta(days=3)
 
@@ -100,36 +97,6 @@ def batch_cache_key(source: Source, batch: Batch) -> str:
     ]
     digest = hashlib.sha256(json.dumps(identity).encode()).hexdigest()
     return f"syncpoint-fetch-{digest}"
-
-
-class RecordSerializer(Serializer):
-    """The fetch cache's records: the standard library's pickler, in base64 without line
-    breaks. Prefect's PickleSerializer wraps its base64 every 76 characters, a Python
-    loop that took a third of the time of writing a backfill batch's record.
-
-    The standard library's pickler, not cloudpickle: cloudpickle calls back into Python
-    for every date in the rows (thousands a batch) to learn what the C pickler already
-    knows. A record holds only this module's dataclasses and plain values.
-    """
-
-    type: str = Field(default="syncpoint-fetch-record", frozen=True)
-
-    def dumps(self, obj: Any) -> bytes:
-        return base64.b64encode(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
-
-    def loads(self, blob: bytes) -> Any:
-        return pickle.loads(base64.b64decode(blob))  # noqa: S301 - our own records
-
-
-def fetch_cache() -> ResultStore:
-    """Prefect's result store as the fetch cache: one record per fetched batch, in the
-    default result storage (PREFECT_LOCAL_STORAGE_PATH, shared by a sharded run's workers)
-    under batch_cache_key, as a cached task's result would be. Records an older syncpoint
-    wrote (Prefect's own "pickle" serializer) still read.
-
-    Nothing is kept in memory: a record is read once, by a rerun.
-    """
-    return ResultStore(serializer=RecordSerializer(), cache_result_in_memory=False)
 
 
 def cached_outcome(cache: ResultStore, key: str) -> BatchOutcome | None:

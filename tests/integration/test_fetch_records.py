@@ -1,12 +1,14 @@
-"""The fetch cache's records (syncpoint.tasks.batches.fetch_cache), in Prefect's real
+"""The fetch cache's records (syncpoint.tasks.fetch_records.fetch_cache), in Prefect's real
 result storage: what one attempt records, a rerun reads back whole, whichever
 serializer wrote it, and a record that cannot be read counts as absent."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from datetime import date, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prefect.results import ResultStore
@@ -14,7 +16,8 @@ from prefect.serializers import PickleSerializer
 from prefect.types._datetime import now
 
 from syncpoint.core.ledger import ErrorKind, ItemOutcome, PendingItem
-from syncpoint.tasks.batches import Batch, BatchOutcome, cached_outcome, fetch_cache
+from syncpoint.tasks.batches import Batch, BatchOutcome, cached_outcome
+from syncpoint.tasks.fetch_records import RecordFolder, fetch_cache
 
 
 @pytest.fixture
@@ -80,3 +83,44 @@ def test_an_expired_record_counts_as_absent(storage: Path) -> None:
     store = fetch_cache()
     store.write(obj=outcome(), key="syncpoint-fetch-d", expiration=now("UTC") - timedelta(1))
     assert cached_outcome(store, "syncpoint-fetch-d") is None
+
+
+def test_writing_and_reading_records_resolves_no_path_after_the_first(
+    storage: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every path resolved is a system call per part of the path, each a wait for the GIL
+    while the stage's HTTP loop is busy: the folder is resolved once, records not at all."""
+    store = fetch_cache()
+    write(store, "syncpoint-fetch-e0", outcome())
+    resolved: list[str] = []
+    realpath = os.path.realpath
+
+    def counted(path: Any, *args: Any, **kwargs: Any) -> Any:
+        resolved.append(str(path))
+        return realpath(path, *args, **kwargs)
+
+    monkeypatch.setattr(os.path, "realpath", counted)
+    for n in range(1, 4):
+        write(store, f"syncpoint-fetch-e{n}", outcome())
+        assert cached_outcome(store, f"syncpoint-fetch-e{n}") == outcome()
+    assert resolved == []
+    assert sorted(p.name for p in storage.iterdir()) == [f"syncpoint-fetch-e{n}" for n in range(4)]
+
+
+def test_records_go_where_a_linked_storage_folder_points(tmp_path: Path, prefect_api: str) -> None:
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp_path / "link"}):
+        write(fetch_cache(), "syncpoint-fetch-f", outcome())
+        assert [p.name for p in real.iterdir()] == ["syncpoint-fetch-f"]
+        assert cached_outcome(fetch_cache(), "syncpoint-fetch-f") == outcome()
+
+
+def test_the_record_folder_refuses_a_path_outside_it(tmp_path: Path) -> None:
+    folder = RecordFolder(basepath=str(tmp_path / "records"))
+    with pytest.raises(ValueError, match="outside of the base path"):
+        folder.write_path("../elsewhere", b"x")
+    assert not (tmp_path / "elsewhere").exists()
