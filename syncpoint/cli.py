@@ -304,8 +304,8 @@ def _run_flow(entrypoint: str, parameters: dict[str, Any], as_json: bool, data: 
     """Check the database, then run the flow in this process and report it."""
     import importlib
 
-    data.engine()  # a bad or unwritable database fails here, in a line
     _quiet_prefect()
+    data.engine()  # a bad or unwritable database fails here, in a line
     module, name = entrypoint.split(":")
     flow = getattr(importlib.import_module(module), name)
     _tame_logs()
@@ -526,8 +526,15 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def _quiet_prefect() -> None:
+    """Prefect's defaults where they do not fit a command-line run; a value set in the
+    environment wins. Set before Prefect is imported: it reads them once."""
     # Offline machines: Prefect's analytics would only time out.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # The temporary server's default 20 s to start were not always enough on a busy
+    # two-core machine (seen in the interrupt tests): the run failed before doing
+    # anything, with "Timed out while attempting to connect to ephemeral Prefect API
+    # server". Waiting longer costs nothing when it starts in time.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 
 
 def _start_ephemeral_prefect() -> None:
