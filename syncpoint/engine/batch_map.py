@@ -11,12 +11,14 @@ the batch size), handing each batch back as soon as it is fetched and recorded; 
 thread stores each batch as it arrives while the next ones go on fetching, and starts the
 next window's task run before the current one ends. Within and across windows, a batch
 gate lets enough batches fetch at once to fill the request slots (fetches_in_flight: two
-for batches as large as the concurrency, more for small ones), and the fetches draw on
-one stage-wide RequestSlots, first come first served, so a later batch only takes the
-slots the earlier ones free: `concurrency` stays exact and no slot idles at a boundary
-(a run keeps its pace, under a rate limit too). Batch size is the checkpoint's grain, not
-a cap on requests in flight nor the task runs' grain. A crash makes a rerun fetch at most
-unmarked_batches_at_most() batches again: those fetching when it struck.
+for batches as large as the concurrency, more for small ones), counted apart from those
+fetched and waiting to be stored (batches_ahead), so a slow item holds back no other
+batch's requests. The fetches draw on one stage-wide RequestSlots, first come first
+served, so a later batch only takes the slots the earlier ones free: `concurrency` stays
+exact and no slot idles at a boundary (a run keeps its pace, under a rate limit too).
+Batch size is the checkpoint's grain, not a cap on requests in flight nor the task runs'
+grain. A crash makes a rerun fetch at most unmarked_batches_at_most() batches again:
+those fetching when it struck.
 
 One client (pools, connections, SSL context) serves the whole stage from its own event
 loop (syncpoint.core.http.ClientThread): a batch boundary opens nothing.
@@ -96,6 +98,13 @@ def batches_per_window(batch_size: int) -> int:
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
     return max(1, -(-WINDOW_ITEMS // batch_size))
+
+
+def batches_ahead(concurrency: int, batch_size: int) -> int:
+    """Batches admitted and not yet taken by the stage's thread, fetching or fetched: what
+    of the fetched rows may be in memory. Twice those fetching at once, so that a batch
+    slow to finish holds back no fetch until as many again are fetched behind it."""
+    return 2 * fetches_in_flight(concurrency, batch_size)
 
 
 def unmarked_batches_at_most(concurrency: int, batch_size: int) -> int:
@@ -358,9 +367,9 @@ def map_batches(
     result = into if into is not None else StageRun()
     started = time.monotonic()
     slots = RequestSlots(source.concurrency)
-    # At most this many batches fetching, or fetched and not yet taken by this thread,
-    # across windows: what a crash can make a rerun fetch again (unmarked_batches_at_most)
-    # and what of the fetched rows is in memory.
+    # At most `depth` batches fetching across windows, what a crash can make a rerun
+    # fetch again (unmarked_batches_at_most), and batches_ahead() fetching or fetched and
+    # not yet taken by this thread, what of the fetched rows is in memory.
     halt = Halt(stop)
     depth = fetches_in_flight(source.concurrency, batch_size)
     # A worker of a sharded run leases a window's batches when it plans the window: a
@@ -370,7 +379,7 @@ def map_batches(
     windows_ahead = fetches_in_flight(source.concurrency, per_window * batch_size)
     # Opened once for the stage, closed when it ends (after every fetch has finished).
     clients = ClientThread(source.client())
-    gate = BatchGate(depth, clients)
+    gate = BatchGate(depth, batches_ahead(source.concurrency, batch_size), clients)
     submitted = 0  # batches handed to fetch task runs so far: the next one's position
     logger = _run_logger()
     # Batches handed to a fetch task run and not yet stored, in order, and those task runs.

@@ -136,7 +136,7 @@ def daily_sync(
             },
             fresh=fresh,
             logger=logger,
-            resume_command=f"syncpoint run {JOB} --date {day.isoformat()}",
+            resume_command=resume_command(day, config.batch_size),
             retry_cooldown=config.retry_cooldown,
         ) as run:
             if run.already_complete:
@@ -208,3 +208,11 @@ def _universe(
     )
     run.register_universe(universe)
     return StageRun(requests=universe.requests)
+
+
+def resume_command(day: date, batch_size: int) -> str:
+    """The command that continues this run. With its batch size unless it is the default:
+    the fetch cache keeps a record per batch, so a rerun in batches of another size
+    fetches again what was fetched and not yet stored."""
+    size = "" if batch_size == settings.DAILY_BATCH_SIZE else f" --batch-size {batch_size}"
+    return f"syncpoint run {JOB} --date {day.isoformat()}{size}"

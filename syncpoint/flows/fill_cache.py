@@ -126,7 +126,7 @@ def fill_cache(
             params={"ticker_source": ticker_source, "batch_size": config.batch_size},
             fresh=False,
             logger=logger,
-            resume_command=resume_command(ticker_source, tickers, first, last),
+            resume_command=resume_command(ticker_source, tickers, first, last, config.batch_size),
             reopen=retry_failed,
             retry_cooldown=config.retry_cooldown,
         ) as run,
@@ -176,12 +176,21 @@ def stage_work(stage: str, parameters: Mapping[str, Any]) -> Iterator[StageWork]
         )
 
 
-def resume_command(source: str, tickers: list[str] | None, first: date, last: date) -> str:
-    """The command that continues this run (the same ticker set and range)."""
+def resume_command(
+    source: str,
+    tickers: list[str] | None,
+    first: date,
+    last: date,
+    batch_size: int = settings.FILL_CACHE_BATCH_SIZE,
+) -> str:
+    """The command that continues this run (the same ticker set and range), with its
+    batch size unless it is the default: the fetch cache keeps a record per batch, so a
+    rerun in batches of another size fetches again what was fetched and not yet stored."""
     chosen = f" --tickers {','.join(sorted(set(tickers or [])))}" if source == "custom" else ""
+    size = "" if batch_size == settings.FILL_CACHE_BATCH_SIZE else f" --batch-size {batch_size}"
     return (
         f"syncpoint run {JOB} --ticker-source {source}{chosen} "
-        f"--start {first.isoformat()} --end {last.isoformat()}"
+        f"--start {first.isoformat()} --end {last.isoformat()}{size}"
     )
 
 

@@ -85,3 +85,50 @@ def test_next_batch_fills_the_slots_the_current_tail_frees(
     assert overlapped >= boundaries // 2, f"{overlapped} of {boundaries} boundaries overlapped"
     # ...and the overlap never costs exactness: the API saw `concurrency` at most.
     assert sim.stats()["most_in_flight"] == CONCURRENCY
+
+
+@pytest.fixture
+def timed_market(monkeypatch: pytest.MonkeyPatch, prefect_api: str) -> Iterator[MarketSimulator]:
+    with MarketSimulator(SimulatorConfig(latency_ms=20, record_timeline=True)) as sim:
+        monkeypatch.setenv("MARKET_API_URL", sim.base_url)
+        yield sim
+
+
+def test_a_slow_item_holds_back_no_other_batch_until_the_memory_bound(
+    timed_market: MarketSimulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first batch's first item answers after 2 s, the rest within milliseconds.
+    While it is out, the batches after it are fetched, recorded and wait to be stored,
+    and later ones fetch meanwhile, up to batches_ahead() batches from the first (what of
+    the fetched rows may be in memory). A gate that counted fetched batches with fetching
+    ones stopped at fetches_in_flight() batches: 5 requests here instead of 11."""
+    from syncpoint.engine.batch_map import batches_ahead, fetches_in_flight
+    from syncpoint.flows.fill_cache import fill_cache
+
+    sim, batch, concurrency = timed_market, 2, 4
+    tickers = sorted(sim.data.symbols[:30])
+    sim.set_fault(tickers[0], "slow", seconds=2.0)
+    url = f"sqlite:///{tmp_path / 'sync.db'}"
+    monkeypatch.setenv("SYNCPOINT_DATABASE_URL", url)
+    try:
+        summary = fill_cache(
+            ticker_source="custom",
+            tickers=tickers,
+            start="2026-11-02",
+            end=DAY,
+            batch_size=batch,
+            concurrency=concurrency,
+        )
+    finally:
+        dispose_engines()
+    assert summary["status"] == "completed"
+
+    served = [s for s in sim.timeline() if s.endpoint == "historical-price-eod/full"]
+    assert sorted(s.symbol for s in served) == tickers  # each once: nothing fetched twice
+    (slow,) = [s for s in served if s.symbol == tickers[0]]
+    assert slow.ended - slow.started >= 2.0
+    during = [s for s in served if s is not slow and slow.started <= s.started < slow.ended]
+    ahead = batches_ahead(concurrency, batch)
+    assert ahead > fetches_in_flight(concurrency, batch)
+    # Every other item of the first `ahead` batches, and none beyond them.
+    assert len(during) == ahead * batch - 1

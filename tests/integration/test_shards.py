@@ -193,7 +193,7 @@ def test_a_taken_over_batch_is_stored_from_its_first_holders_fetch(
                 Window.of([batch]),
                 RequestSlots(2),
                 clients,
-                BatchGate(1, clients),
+                BatchGate(1, 1, clients),
                 Halt(StopFlag()),
             )
         with database.engine().begin() as conn:  # A's lease runs out

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import tempfile
 import time
+from datetime import date
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
 from syncpoint.engine.batch_map import unmarked_batches_at_most
+from syncpoint.flows.daily_sync import resume_command
 from syncpoint.simulator import MarketSimulator, SimulatorConfig
 from tests.conftest import cli_env, run_cli, tickers_file
 from tests.reliability.test_interrupts import start
@@ -68,7 +70,11 @@ def test_postgres_stopping_mid_run_then_rerun_completes(prefect_api: str, tmp_pa
                 ).scalar_one()
             assert stored >= done >= 30  # rows never behind their marks
 
-            again = run_cli(args, env, tmp_path)
+            # As its resume command says: in batches of the same size, so the batches
+            # fetched and recorded but not stored are taken from their records.
+            resume = resume_command(date.fromisoformat(DAY), 10).split()[1:]
+            assert resume[-2:] == ["--batch-size", "10"]
+            again = run_cli([*resume, "--tickers-file", str(file)], env, tmp_path)
             assert again.returncode == 0, again.stdout + again.stderr
             with engine.connect() as conn:
                 assert conn.execute(sa.text(status_sql)).scalar_one() == "completed"

@@ -264,7 +264,7 @@ def test_an_unforeseen_exception_fails_its_item_not_the_batch(sync_env: MarketSi
     with ClientThread(source.client()) as clients:
         # A real task run.
         fetch_window(
-            source, window, RequestSlots(4), clients, BatchGate(1, clients), Halt(StopFlag())
+            source, window, RequestSlots(4), clients, BatchGate(1, 1, clients), Halt(StopFlag())
         )
     fetched = window.handoffs[0].take()
     assert fetched is not None
