@@ -61,10 +61,10 @@ class RecordFolder(LocalFileSystem):
         if not path:
             return folder
         given = Path(path)
-        # A bare name, or a path the store resolved before (it keeps the full path).
-        if given.parent == folder or (
-            not given.is_absolute() and given.name == path and path not in (".", "..")
-        ):
+        # A bare name, or a path the store resolved before (it keeps the full path); a
+        # name of "." or ".." is no file in the folder, and takes the long way.
+        one_file = given.parent == folder or (not given.is_absolute() and given.name == path)
+        if one_file and given.name not in ("", ".", ".."):
             return folder / given.name
         return super()._resolve_path(path)
 

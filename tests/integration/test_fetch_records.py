@@ -124,3 +124,7 @@ def test_the_record_folder_refuses_a_path_outside_it(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="outside of the base path"):
         folder.write_path("../elsewhere", b"x")
     assert not (tmp_path / "elsewhere").exists()
+    # The folder's own parent, named as a path in it (the shape of a resolved key).
+    inside = folder.write_path("a-record", b"x")
+    with pytest.raises(ValueError, match="outside of the base path"):
+        folder.read_path(str(Path(inside).parent / ".."))
